@@ -1,0 +1,22 @@
+"""The ``sris`` command: a thin layer that parses options, calls one library function, renders."""
+
+import typer
+
+from .flops import flops
+
+app = typer.Typer(
+    name="sris",
+    help="Shared-RIS: referring image segmentation with a single BEiT-3 encoder.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command()(flops)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

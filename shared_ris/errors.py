@@ -1,0 +1,5 @@
+"""One base class for every error a user can fix; the CLI prints these as one line, no traceback."""
+
+
+class SharedRISError(ValueError):
+    """Bad input (file, recipe, checkpoint, text, data): the message names the culprit and the fix."""

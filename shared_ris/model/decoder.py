@@ -1,0 +1,81 @@
+"""Shared mask decoder (eq. 8-11): shared transformer layer(s), upsampling, text-cls dot product."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layers import Attention, Mlp
+
+
+class SharedBlock(nn.Module):
+    """u' = MSA(LN(z)) + z;  u = MLP(LN(u')) + u'  — one MLP shared by both modalities."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(
+        self, z: torch.Tensor, key_padding_mask: torch.Tensor | None, return_weights: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """z: (B, N, C) → (B, N, C) [, weights (B, heads, N, N)]."""
+        attn = self.attn(self.norm1(z), key_padding_mask, return_weights)
+        attn, weights = attn if return_weights else (attn, None)
+        u = z + attn
+        u = u + self.mlp(self.norm2(u))
+        return (u, weights) if return_weights else u
+
+
+class UpsampleBlock(nn.Sequential):
+    """×2 bilinear upsampling → Conv3×3 → BN → ReLU (eq. 10)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            nn.Conv2d(dim, dim, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(dim),
+            nn.ReLU(inplace=True),
+        )
+
+
+class SharedMaskDecoder(nn.Module):
+    """Decode the fused sequence into mask logits.
+
+    Args:
+        dim: d_w, the width of z.
+        num_heads: heads of the shared layer(s).
+        mlp_ratio: hidden width of the shared MLP, relative to dim.
+        shared_layers: number of shared transformer layers (paper: 1; 0 = "no fusion" ablation).
+        upsample_blocks: l in eq. 10; output side = grid · 2**l.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, shared_layers: int, upsample_blocks: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(SharedBlock(dim, num_heads, mlp_ratio) for _ in range(shared_layers))
+        self.upsample = nn.Sequential(*(UpsampleBlock(dim) for _ in range(upsample_blocks)))
+        self.text_mlp = Mlp(dim, dim, dim)
+
+    def forward(
+        self,
+        z: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        num_vision_tokens: int,
+        return_weights: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """z: (B, N, C) with vision tokens [cls, patches…] first → logits (B, 1, g·2**l, g·2**l)."""
+        weights = []
+        for layer in self.layers:
+            z = layer(z, key_padding_mask, return_weights)
+            if return_weights:
+                z, w = z
+                weights.append(w)
+        b, _, c = z.shape
+        patches = z[:, 1:num_vision_tokens]  # drop the visual cls
+        grid = int(round(patches.shape[1] ** 0.5))
+        feature_map = self.upsample(patches.transpose(1, 2).reshape(b, c, grid, grid))  # (B, C, H', W')
+        text_cls = self.text_mlp(z[:, num_vision_tokens])  # (B, C): the <s> token
+        logits = torch.einsum("bchw,bc->bhw", feature_map, text_cls)[:, None]
+        return (logits, weights) if return_weights else logits
