@@ -1,0 +1,120 @@
+"""RIS metrics as pure functions of per-expression intersections and unions (sec. IV-B).
+
+oIoU = Σ intersection / Σ union over all expressions; mIoU = mean per-expression IoU;
+P@X = share of expressions with IoU > X (or ≥ X with ``inclusive=True``, LAVT's convention).
+An expression whose prediction and target are both empty (union 0) counts as IoU 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+PRECISION_THRESHOLDS = (0.5, 0.7, 0.9)
+# Target area / image area bins of the paper's Fig. 6.
+SIZE_BINS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+
+
+def intersection_union(pred: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
+    """Pixel counts of pred ∧ target and pred ∨ target for two boolean masks of one shape."""
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in size")
+    pred, target = pred.bool(), target.bool()
+    return int((pred & target).sum()), int((pred | target).sum())
+
+
+def sample_ious(intersections: np.ndarray, unions: np.ndarray) -> np.ndarray:
+    """Per-expression IoU (float64); 1.0 where the union is empty."""
+    intersections = np.asarray(intersections, dtype=np.float64)
+    unions = np.asarray(unions, dtype=np.float64)
+    return np.where(unions > 0, intersections / np.maximum(unions, 1), 1.0)
+
+
+def summarize(
+    intersections: np.ndarray,
+    unions: np.ndarray,
+    thresholds: tuple[float, ...] = PRECISION_THRESHOLDS,
+    inclusive: bool = False,
+) -> dict[str, float | int]:
+    """{"oIoU", "mIoU", "P@0.5", "P@0.7", "P@0.9", "n"}, IoUs as fractions in [0, 1]."""
+    intersections = np.asarray(intersections, dtype=np.int64)
+    unions = np.asarray(unions, dtype=np.int64)
+    n = int(intersections.size)
+    if n == 0:
+        return {"oIoU": 0.0, "mIoU": 0.0, **{f"P@{t}": 0.0 for t in thresholds}, "n": 0}
+    ious = sample_ious(intersections, unions)
+    total_union = int(unions.sum())
+    out: dict[str, float | int] = {
+        "oIoU": float(intersections.sum() / total_union) if total_union else 1.0,
+        "mIoU": float(ious.mean()),
+    }
+    for t in thresholds:
+        hits = ious >= t if inclusive else ious > t
+        out[f"P@{t}"] = float(hits.mean())
+    out["n"] = n
+    return out
+
+
+def iou_by_size(
+    intersections: np.ndarray,
+    unions: np.ndarray,
+    target_areas: np.ndarray,
+    image_areas: np.ndarray,
+    bins: tuple[float, ...] = SIZE_BINS,
+) -> list[dict[str, float | int]]:
+    """mIoU and oIoU per bin of target area / image area (Fig. 6). Bins are [lo, hi), the last closed."""
+    ratio = np.asarray(target_areas, dtype=np.float64) / np.maximum(np.asarray(image_areas, dtype=np.float64), 1)
+    intersections = np.asarray(intersections, dtype=np.int64)
+    unions = np.asarray(unions, dtype=np.int64)
+    rows = []
+    for i, (lo, hi) in enumerate(zip(bins[:-1], bins[1:])):
+        last = i == len(bins) - 2
+        sel = (ratio >= lo) & ((ratio <= hi) if last else (ratio < hi))
+        stats = summarize(intersections[sel], unions[sel])
+        rows.append({"lo": lo, "hi": hi, "n": stats["n"], "mIoU": stats["mIoU"], "oIoU": stats["oIoU"]})
+    return rows
+
+
+@dataclass
+class MetricAccumulator:
+    """Collects one record per expression; records are exact integers, so merging the records of
+    several ranks (sorted by key) reproduces the single-process figures to the last digit."""
+
+    keys: list[str] = field(default_factory=list)
+    intersections: list[int] = field(default_factory=list)
+    unions: list[int] = field(default_factory=list)
+    target_areas: list[int] = field(default_factory=list)
+    image_areas: list[int] = field(default_factory=list)
+
+    def add(self, key: str, pred: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
+        """Add one expression: pred and target are boolean masks at the scoring resolution."""
+        inter, union = intersection_union(pred, target)
+        self.keys.append(key)
+        self.intersections.append(inter)
+        self.unions.append(union)
+        self.target_areas.append(int(target.bool().sum()))
+        self.image_areas.append(int(target.numel()))
+        return inter, union
+
+    def records(self) -> list[tuple[str, int, int, int, int]]:
+        return list(zip(self.keys, self.intersections, self.unions, self.target_areas, self.image_areas))
+
+    @classmethod
+    def from_records(cls, records: list[tuple[str, int, int, int, int]]) -> "MetricAccumulator":
+        acc = cls()
+        for key, inter, union, target_area, image_area in sorted(records):
+            acc.keys.append(key)
+            acc.intersections.append(inter)
+            acc.unions.append(union)
+            acc.target_areas.append(target_area)
+            acc.image_areas.append(image_area)
+        return acc
+
+    def summary(self, thresholds: tuple[float, ...] = PRECISION_THRESHOLDS, inclusive: bool = False) -> dict:
+        out = summarize(np.array(self.intersections), np.array(self.unions), thresholds, inclusive)
+        out["by_size"] = iou_by_size(
+            np.array(self.intersections), np.array(self.unions), np.array(self.target_areas), np.array(self.image_areas)
+        )
+        return out
