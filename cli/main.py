@@ -10,7 +10,22 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    invoke_without_command=True,
 )
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
+) -> None:
+    """Shared-RIS: referring image segmentation with a single BEiT-3 encoder."""
+    if version:
+        import shared_ris
+
+        typer.echo(f"shared-ris {shared_ris.__version__}")
+        raise typer.Exit()
+
+
 app.command()(flops)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -74,7 +76,7 @@ class SharedMaskDecoder(nn.Module):
                 weights.append(w)
         b, _, c = z.shape
         patches = z[:, 1:num_vision_tokens]  # drop the visual cls
-        grid = int(round(patches.shape[1] ** 0.5))
+        grid = math.isqrt(num_vision_tokens - 1)
         feature_map = self.upsample(patches.transpose(1, 2).reshape(b, c, grid, grid))  # (B, C, H', W')
         text_cls = self.text_mlp(z[:, num_vision_tokens])  # (B, C): the <s> token
         logits = torch.einsum("bchw,bc->bhw", feature_map, text_cls)[:, None]

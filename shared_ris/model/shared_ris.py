@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ def text_cls_attention_map(weights: torch.Tensor, num_vision_tokens: int) -> tor
     weights: (B, heads, N, N) → (B, g, g) with g² = num_vision_tokens − 1.
     """
     row = weights.float().mean(1)[:, num_vision_tokens, 1:num_vision_tokens]
-    grid = int(round(row.shape[1] ** 0.5))
+    grid = math.isqrt(num_vision_tokens - 1)
     return row.reshape(-1, grid, grid)
 
 
