@@ -151,7 +151,7 @@ def _valid_keys(cls, prefix: str = "") -> list[str]:
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints widen to floats, nothing else converts."""
+    """Check ``value`` against the annotation ``tp``; ints and numeric strings widen to floats, nothing else converts."""
     origin = typing.get_origin(tp)
     if origin is list:
         (item_tp,) = typing.get_args(tp)
@@ -167,6 +167,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise RecipeError(f"{key} must be {tp}, got {value!r}")
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if tp in (str, bool) and isinstance(value, tp):

@@ -119,7 +119,7 @@ class Encoder(nn.Module):
     ) -> None:
         super().__init__()
         self.embed_positions = MultiwayPositions(num_vision_positions, num_text_positions, embed_dim)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # linspace(0, rate, L)
         self.layers = nn.ModuleList(EncoderLayer(embed_dim, num_heads, ffn_dim, r) for r in rates)
         # Present in pretrained files, absent in some fine-tuned ones; RIS reads the raw stream.
         self.layer_norm = Multiway(layer_norm(embed_dim)) if final_norm else None

@@ -39,6 +39,16 @@ class SharedRIS(nn.Module):
         self.fpn = fpn
         self.decoder = decoder
         self.threshold = threshold
+        # Loaded for checkpoint compatibility but never on RIS's path: freeze them so DDP needs
+        # no find_unused_parameters and the optimizer never sees them.
+        for param in self.unused_parameters():
+            param.requires_grad_(False)
+
+    def unused_parameters(self) -> list[nn.Parameter]:
+        unused = [self.beit3.vision_embed.mask_token]
+        if self.beit3.encoder.layer_norm is not None:
+            unused += list(self.beit3.encoder.layer_norm.parameters())
+        return unused
 
     @property
     def image_size(self) -> int:
