@@ -1,0 +1,54 @@
+"""``sris predict``: masks, overlays and (optionally) attention maps for your own images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from shared_ris.predict import predict_folder
+
+from .common import console, err_console, user_errors
+
+
+@user_errors
+def predict(
+    path: Path = typer.Argument(..., help="An image, or a folder of images."),
+    text: Optional[str] = typer.Argument(None, help="What to segment, e.g. 'the red cup' (optional with --prompts)."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A trained run's best.pt or last.pt."),
+    out: Path = typer.Option(Path("predictions"), "--out", "-o", help="Output folder (created; files of a re-run are overwritten)."),
+    prompts: Optional[Path] = typer.Option(
+        None, "--prompts", help="Per-image texts: JSON lines {\"file\": ..., \"text\": ...} or a CSV with a file,text header; "
+        "file names are relative to PATH's folder. Images it does not name get TEXT, if given.",
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", help="(image, text) pairs per forward pass."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    attention: bool = typer.Option(False, "--attention", help="Also write the text-cls attention of the encoder, FPN and decoder (Fig. 7)."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Also look in sub-folders (kept as sub-folders of --out)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Sentencepiece model (default: the one recorded in or beside the checkpoint)."),
+) -> None:
+    """Segment what TEXT refers to in each image: NAME.mask.png, NAME.overlay.jpg and predictions.jsonl.
+
+    Files without an image suffix are ignored; an image that cannot be read is reported and
+    skipped, and the command then exits with status 1.
+    """
+    with Progress(
+        TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True
+    ) as bar:
+        task = bar.add_task("predict", total=None)
+        summary = predict_folder(
+            path, text, checkpoint, out_dir=out, prompts=prompts, batch_size=batch_size, device=device,
+            attention=attention, recursive=recursive, tokenizer=tokenizer,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            warn=lambda message: err_console.print(f"[yellow]warning:[/] {message}", highlight=False),
+        )  # fmt: skip
+    console.print(f"{summary.predictions} prediction(s) written to {summary.out_dir} (index: {summary.jsonl})")
+    if summary.ignored:
+        console.print(f"ignored {len(summary.ignored)} file(s) without an image suffix", style="dim")
+    if summary.skipped:
+        for file, reason in summary.skipped:
+            err_console.print(f"[red]skipped[/] {file}: {reason}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]{len(summary.skipped)} file(s) skipped[/]")
+        raise typer.Exit(1)

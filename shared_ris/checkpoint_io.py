@@ -1,0 +1,145 @@
+"""Loading a trained Shared-RIS run: checkpoint → (model, recipe), and the tokenizer that goes with it.
+
+``sris train`` saves plain dicts: ``{"model": state_dict, "recipe": recipe.to_dict(), "epoch", "step",
+…, "tokenizer_path"?}``. Official BEiT-3 files are a different thing (encoder weights to start
+training from); passing one here is caught and named. Every failure is one :class:`CheckpointError` line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Recipe, RecipeError, recipe_from_dict
+from .errors import SharedRISError
+from .model import CheckpointError, SharedRIS, build_model
+from .tokenizer import Tokenizer
+
+# Looked for next to a checkpoint when no tokenizer is given or recorded.
+TOKENIZER_NAMES = ("spm.model", "tokenizer.model", "beit3.spm")
+_BEIT3_KEY_PREFIXES = ("beit3.", "encoder.layers.", "text_embed.", "vision_embed.")
+
+
+@dataclass
+class TrainedCheckpoint:
+    """A validated training checkpoint, not yet turned into a model."""
+
+    path: Path
+    recipe: Recipe
+    state_dict: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)  # epoch, step, tokenizer_path, … (plain values)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:160]
+
+
+def read_trained(path: str | Path) -> TrainedCheckpoint:
+    """Read and validate a checkpoint written by ``sris train`` (``weights_only``, on the CPU)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file; pass a run's best.pt or last.pt (written by sris train)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a torch file, truncated, or pickled non-tensor objects
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({_first_line(exc)})") from None
+    if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("recipe"), dict)):
+        inner = (obj.get("model") or obj.get("module") or obj) if isinstance(obj, dict) else None
+        if isinstance(inner, dict) and any(str(k).startswith(_BEIT3_KEY_PREFIXES) for k in inner) and not any(
+            str(k).startswith(("fpn.", "decoder.")) for k in inner
+        ):
+            raise CheckpointError(f"{path}: this is a BEiT-3 pretrained checkpoint; use it with sris train --pretrained")
+        raise CheckpointError(f"{path}: not a Shared-RIS training checkpoint (expected a dict with 'model' and 'recipe', as sris train writes)")
+    try:
+        recipe = recipe_from_dict(obj["recipe"])
+    except RecipeError as exc:
+        raise CheckpointError(f"{path}: its recipe is invalid ({exc})") from None
+    state = obj["model"]
+    if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    meta = {k: v for k, v in obj.items() if k not in ("model", "recipe") and isinstance(v, (int, float, str, bool))}
+    return TrainedCheckpoint(path, recipe, state, meta)
+
+
+def model_from_checkpoint(checkpoint: TrainedCheckpoint, device: str | torch.device = "cpu") -> SharedRIS:
+    """Build the recipe's model, load the weights strictly and return it in eval mode on ``device``."""
+    model = build_model(checkpoint.recipe)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in checkpoint.state_dict]
+    unexpected = [k for k in checkpoint.state_dict if k not in expected]
+    where = f"{checkpoint.path}: does not match its recipe '{checkpoint.recipe.name}'"
+    if missing:
+        raise CheckpointError(f"{where}: {len(missing)} keys are missing (e.g. {missing[0]})")
+    if unexpected:
+        raise CheckpointError(f"{where}: {len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+    for key, value in checkpoint.state_dict.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(f"{where}: shape mismatch for {key}: checkpoint {list(value.shape)} vs model {list(expected[key].shape)}")
+    model.load_state_dict(checkpoint.state_dict)
+    return model.to(device).eval()
+
+
+def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[SharedRIS, Recipe]:
+    """A trained run's checkpoint → (model in eval mode on ``device``, its recipe)."""
+    checkpoint = read_trained(path)
+    return model_from_checkpoint(checkpoint, device), checkpoint.recipe
+
+
+def find_tokenizer(
+    checkpoint_path: str | Path,
+    explicit: str | Path | None = None,
+    *,
+    recorded: str | None = None,
+    data_dir: str | Path | None = None,
+) -> Path:
+    """Which sentencepiece file to use, first found of: ``explicit``; ``data_dir/spm.model``; the path
+    the checkpoint recorded (as given, then beside the checkpoint); ``spm.model`` / ``tokenizer.model`` /
+    ``beit3.spm`` beside the checkpoint. Raises a one-line error naming the places it looked."""
+    if explicit is not None:
+        return Path(explicit)
+    folder = Path(checkpoint_path).parent
+    candidates = []
+    if data_dir is not None:
+        candidates.append(Path(data_dir) / "spm.model")
+    if recorded:
+        candidates += [Path(recorded), folder / Path(recorded).name]
+    candidates += [folder / name for name in TOKENIZER_NAMES]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    looked = ", ".join(dict.fromkeys(str(c) for c in candidates))
+    raise SharedRISError(f"no tokenizer found (looked for {looked}); pass --tokenizer PATH (beit3.spm, or the synthetic set's spm.model)")
+
+
+def load_tokenizer(path: str | Path, recipe: Recipe) -> Tokenizer:
+    """A :class:`Tokenizer` at the recipe's text length whose ids fit the model's text embedding."""
+    tokenizer = Tokenizer(path, max_len=recipe.model.max_text_len)
+    if tokenizer.vocab_size > recipe.model.encoder.vocab_size:
+        raise SharedRISError(
+            f"{path}: tokenizer has {tokenizer.vocab_size} ids but the model embeds {recipe.model.encoder.vocab_size}; "
+            "pass the tokenizer the run was trained with (--tokenizer)"
+        )
+    return tokenizer
+
+
+def load_run(
+    checkpoint: str | Path,
+    tokenizer: str | Path | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    data_dir: str | Path | None = None,
+) -> tuple[SharedRIS, Recipe, Tokenizer]:
+    """Everything inference needs from a run: model (eval mode, on ``device``), recipe, tokenizer.
+
+    The tokenizer is resolved (:func:`find_tokenizer`) before the weights are built, so a missing
+    tokenizer fails fast.
+    """
+    trained = read_trained(checkpoint)
+    recorded = trained.meta.get("tokenizer_path")
+    tokenizer_path = find_tokenizer(checkpoint, tokenizer, recorded=recorded if isinstance(recorded, str) else None, data_dir=data_dir)
+    text_tokenizer = load_tokenizer(tokenizer_path, trained.recipe)
+    return model_from_checkpoint(trained, device), trained.recipe, text_tokenizer
