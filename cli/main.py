@@ -2,7 +2,9 @@
 
 import typer
 
+from .evaluate import evaluate
 from .flops import flops
+from .predict import predict
 
 app = typer.Typer(
     name="sris",
@@ -27,6 +29,8 @@ def _root(
 
 
 app.command()(flops)
+app.command("eval")(evaluate)
+app.command()(predict)
 
 
 def main() -> None:  # pragma: no cover - console entry

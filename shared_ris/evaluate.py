@@ -1,29 +1,107 @@
-"""Evaluation loop shared by training's validation and ``sris eval``: one score per expression."""
+"""Evaluation: the loop shared by training's validation and ``sris eval``, one score per expression.
+
+The protocol is explicit because published RIS numbers mix two: CRIS / CGFormer score masks at the
+original image size with P@X counting IoU > X; LAVT scores at the 480×480 input size with IoU ≥ X.
+:class:`Protocol` names the three choices and :data:`PROTOCOLS` holds the presets.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .errors import SharedRISError
 from .metrics import MetricAccumulator
+
+RESOLUTIONS = ("original", "input")
+
+
+def upsample_probabilities(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(1, h, w) or (h, w) logits → (H, W) float32 probabilities: bilinear resize, then sigmoid.
+
+    The sigmoid runs in place on the resized map, so a 12-MP image costs one float map, not two.
+    """
+    logits = logits.reshape(1, 1, *logits.shape[-2:]).float()
+    if tuple(logits.shape[-2:]) != tuple(size):
+        return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)[0, 0].sigmoid_()
+    return logits[0, 0].sigmoid()
 
 
 def logits_to_mask(logits: torch.Tensor, size: tuple[int, int], threshold: float) -> torch.Tensor:
     """(1, h, w) or (h, w) logits → boolean mask at ``size``: bilinear resize, then σ > τ."""
-    logits = logits.reshape(1, 1, *logits.shape[-2:]).float()
-    if tuple(logits.shape[-2:]) != tuple(size):
-        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-    return logits[0, 0].sigmoid() > threshold
+    return upsample_probabilities(logits, size) > threshold
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How masks are scored.
+
+    Args:
+        resolution: ``"original"`` (the image's own size; logits resized bilinearly) or ``"input"``
+            (S×S, the ground truth resized with nearest neighbour, LAVT's protocol).
+        threshold: τ on σ(logits); ``None`` means the recipe's ``model.threshold``.
+        inclusive: P@X counts IoU ≥ X (LAVT) instead of IoU > X.
+    """
+
+    resolution: str = "original"
+    threshold: float | None = None
+    inclusive: bool = False
+
+    def __post_init__(self) -> None:
+        if self.resolution not in RESOLUTIONS:
+            raise SharedRISError(f"resolution must be one of {', '.join(RESOLUTIONS)}, got {self.resolution!r}")
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            raise SharedRISError(f"threshold must be a probability in (0, 1), got {self.threshold}")
+
+    def describe(self, image_size: int | None = None) -> str:
+        """One line to print under every table, e.g.
+        ``protocol: masks at original size, σ>0.35, P@X: IoU > X, per expression``."""
+        where = "original size" if self.resolution == "original" else (
+            f"{image_size}×{image_size} input size" if image_size else "input size"
+        ) + " (ground truth resized, nearest)"
+        tau = "recipe τ" if self.threshold is None else f"{self.threshold:g}"
+        return f"protocol: masks at {where}, σ>{tau}, P@X: IoU {'≥' if self.inclusive else '>'} X, per expression"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# "default" is what training's validation reports; "lavt" reproduces LAVT's test.py: scores at the
+# 480×480 input, argmax over two classes (= probability > 0.5 for our single logit), P@X with ≥.
+PROTOCOLS = {
+    "default": Protocol(),
+    "lavt": Protocol(resolution="input", threshold=0.5, inclusive=True),
+}
+
+
+def resolve_protocol(
+    preset: str = "default", *, resolution: str | None = None, threshold: float | None = None, inclusive: bool | None = None
+) -> Protocol:
+    """A preset from :data:`PROTOCOLS` with any explicitly given choice overriding it."""
+    if preset not in PROTOCOLS:
+        raise SharedRISError(f"unknown protocol {preset!r}; choose one of {', '.join(PROTOCOLS)}")
+    base = PROTOCOLS[preset]
+    return Protocol(
+        resolution=base.resolution if resolution is None else resolution,
+        threshold=base.threshold if threshold is None else threshold,
+        inclusive=base.inclusive if inclusive is None else inclusive,
+    )
 
 
 def _autocast(device: torch.device, amp: str):
     if device.type == "cuda" and amp in ("bf16", "fp16"):
         return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
     return contextlib.nullcontext()
+
+
+def _is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 @torch.no_grad()
@@ -35,15 +113,18 @@ def evaluate_model(
     device: torch.device | str = "cpu",
     amp: str = "fp32",
     progress=None,
+    on_mask: Callable[[str, int, torch.Tensor], None] | None = None,
 ) -> MetricAccumulator:
     """Score every expression the loader yields.
 
     ``resolution="original"`` scores at the image's own size against ``orig_masks``;
-    ``"input"`` scores at the model's input size (S×S) against the resized mask (LAVT's protocol).
-    Under torch.distributed every rank scores its share and the records of all ranks are merged,
-    so each rank returns the accumulator of the whole split. ``progress(n)`` is called per batch.
+    ``"input"`` scores at the model's input size (S×S) against the mask resized with nearest
+    neighbour (LAVT's protocol). Under torch.distributed every rank scores its share and the exact
+    integer records of all ranks are merged, so each rank returns the accumulator of the whole split.
+    ``progress(n)`` is called per batch with the batch's size; ``on_mask(key, sent_id, mask)`` gets
+    each predicted mask at the original size (bool (H, W)), e.g. to save it.
     """
-    if resolution not in ("original", "input"):
+    if resolution not in RESOLUTIONS:
         raise ValueError(f"resolution must be 'original' or 'input', got {resolution!r}")
     device = torch.device(device)
     was_training = model.training
@@ -56,17 +137,128 @@ def evaluate_model(
             )
         logits = logits.float().cpu()
         for i, (key, sent_id) in enumerate(zip(batch["keys"], batch["sent_ids"])):
+            original = torch.as_tensor(batch["orig_masks"][i]).bool()
             if resolution == "original":
-                target = batch["orig_masks"][i].bool()
+                target = original
             else:
                 side = batch["images"].shape[-1]
-                target = F.interpolate(batch["orig_masks"][i][None, None].float(), size=(side, side), mode="nearest")[0, 0].bool()
-            acc.add(f"{key}_{sent_id}", logits_to_mask(logits[i], tuple(target.shape), threshold), target)
+                target = F.interpolate(original[None, None].float(), size=(side, side), mode="nearest")[0, 0].bool()
+            pred = logits_to_mask(logits[i], tuple(target.shape), threshold)
+            acc.add(f"{key}_{sent_id}", pred, target)
+            if on_mask is not None:
+                if resolution != "original":
+                    pred = logits_to_mask(logits[i], tuple(original.shape), threshold)
+                on_mask(key, sent_id, pred)
         if progress is not None:
             progress(len(batch["keys"]))
     model.train(was_training)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _is_distributed():
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, acc.records())
         return MetricAccumulator.from_records([r for part in gathered for r in part])
     return MetricAccumulator.from_records(acc.records())
+
+
+def parse_splits(splits: str | Iterable[str]) -> list[str]:
+    """``"val,testA"`` or ``["val", "testA"]`` → ``["val", "testA"]`` (order kept, duplicates dropped)."""
+    items = splits.split(",") if isinstance(splits, str) else list(splits)
+    names = list(dict.fromkeys(s.strip() for s in items if s.strip()))
+    if not names:
+        raise SharedRISError("no split given; pass e.g. --split val or --split val,testA,testB")
+    return names
+
+
+def _split_progress(progress, split: str, total: int | None) -> Callable[[int], None] | None:
+    """evaluate_model's per-batch ``progress(n)`` → the caller's ``progress(split, done, total)``."""
+    if progress is None:
+        return None
+    done = 0
+
+    def step(n: int) -> None:
+        nonlocal done
+        done += n
+        progress(split, done, total)
+
+    return step
+
+
+def _mask_saver(folder: Path) -> Callable[[str, int, torch.Tensor], None]:
+    from .visualize import save_mask
+
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def save(key: str, sent_id: int, mask: torch.Tensor) -> None:
+        save_mask(mask.numpy(), folder / f"{key}_{sent_id}.png")
+
+    return save
+
+
+def evaluate_run(
+    checkpoint: str | Path,
+    data_dir: str | Path,
+    splits: str | Iterable[str],
+    *,
+    tokenizer: str | Path | None = None,
+    resolution: str = "original",
+    threshold: float | None = None,
+    inclusive: bool = False,
+    save_masks: str | Path | None = None,
+    device: str | None = None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    progress: Callable[[str, int, int | None], None] | None = None,
+) -> dict:
+    """Evaluate a trained checkpoint on prepared splits; returns the ``sris eval --json`` document::
+
+        {"checkpoint": str, "protocol": {...}, "splits": {split: {"oIoU", "mIoU", "P@0.5", "P@0.7",
+         "P@0.9", "n", "by_size": [{"lo", "hi", "n", "mIoU", "oIoU"}, ...]}}}
+
+    IoUs are fractions in [0, 1]. ``threshold=None`` uses the recipe's τ; the defaults are the
+    protocol of training's validation. ``save_masks`` writes ``DIR/{split}/{key}_{sent_id}.png``
+    (0/255, original size). Started by torchrun (``sris eval --gpus N`` / ``--nproc N``), each
+    process joins the group, scores its share and every rank returns the whole split's figures,
+    equal to the single-process ones to the last digit. ``progress(split, done, total)`` is called
+    per batch with the expressions scored so far (``total`` is None when unknown).
+    """
+    from .checkpoint_io import load_run
+    from .data import build_eval_loader
+    from .distributed import setup, teardown
+
+    split_names = parse_splits(splits)
+    protocol = Protocol(resolution, threshold, inclusive)
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise SharedRISError(f"--device {device} asked for, but CUDA is not available; use --device cpu")
+    joined_here = not (dist.is_available() and dist.is_initialized())
+    env = setup(None if device in (None, "cuda") else device)
+    try:
+        model, recipe, text_tokenizer = load_run(checkpoint, tokenizer, device=env.device, data_dir=data_dir)
+        tau = recipe.model.threshold if protocol.threshold is None else protocol.threshold
+        loaders = {  # built up front, so a missing split fails before the first one is scored
+            split: build_eval_loader(
+                data_dir, split, recipe, text_tokenizer, rank=env.rank, world_size=env.world_size,
+                num_workers=num_workers, batch_size=batch_size,
+            )
+            for split in split_names
+        }
+        results = {}
+        for split, loader in loaders.items():
+            acc = evaluate_model(
+                model,
+                loader,
+                threshold=tau,
+                resolution=protocol.resolution,
+                device=env.device,
+                amp=recipe.train.amp,
+                progress=_split_progress(progress, split, getattr(loader, "sentences", None) if env.world_size == 1 else None),
+                on_mask=_mask_saver(Path(save_masks) / split) if save_masks is not None else None,
+            )
+            results[split] = acc.summary(inclusive=protocol.inclusive)
+    finally:
+        if joined_here:
+            teardown(env)
+    resolved = Protocol(protocol.resolution, tau, protocol.inclusive)
+    return {
+        "checkpoint": str(checkpoint),
+        "protocol": {**resolved.to_dict(), "image_size": recipe.model.image_size, "description": resolved.describe(recipe.model.image_size)},
+        "splits": results,
+    }

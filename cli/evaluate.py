@@ -1,0 +1,149 @@
+"""``sris eval``: oIoU, mIoU, P@X and IoU by target size of a trained checkpoint, under a stated protocol."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from shared_ris.evaluate import PROTOCOLS, evaluate_run, parse_splits, resolve_protocol
+
+from .common import console, fail, user_errors
+
+Resolution = Enum("Resolution", {"original": "original", "input": "input"}, type=str)
+Comparison = Enum("Comparison", {"strict": "strict", "inclusive": "inclusive"}, type=str)
+Preset = Enum("Preset", {name: name for name in PROTOCOLS}, type=str)
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def render_split(split: str, figures: dict, protocol_line: str) -> None:
+    """The metrics table and the by-size table of one split, each with the protocol under it."""
+    table = Table(title=f"{split}")
+    for column in ("oIoU", "mIoU", "P@0.5", "P@0.7", "P@0.9"):
+        table.add_column(f"{column} (%)", justify="right")
+    table.add_column("expressions", justify="right")
+    table.add_row(*(_percent(figures[k]) for k in ("oIoU", "mIoU", "P@0.5", "P@0.7", "P@0.9")), str(figures["n"]))
+    console.print(table)
+    console.print(protocol_line, style="dim", highlight=False, soft_wrap=True)
+    sizes = Table(title=f"{split}: IoU by target size (target area / image area)")
+    for column in ("target size", "expressions", "mIoU (%)", "oIoU (%)"):
+        sizes.add_column(column, justify="right")
+    for row in figures["by_size"]:
+        filled = row["n"] > 0
+        sizes.add_row(
+            f"{row['lo'] * 100:g}–{row['hi'] * 100:g}%", str(row["n"]),
+            _percent(row["mIoU"]) if filled else "-", _percent(row["oIoU"]) if filled else "-",
+        )  # fmt: skip
+    console.print(sizes)
+    console.print(protocol_line, style="dim", highlight=False, soft_wrap=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _relaunch(processes: int, args: list[str]) -> None:
+    """Run this same ``sris eval`` on ``processes`` ranks under torchrun and exit with its status."""
+    from shared_ris.distributed import launch, torchrun_command
+
+    code = launch(torchrun_command(processes, ["eval", *args], master_port=_free_port()), processes)
+    raise typer.Exit(code)
+
+
+@user_errors
+def evaluate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A trained run's best.pt or last.pt."),
+    data: Path = typer.Option(..., "--data", "-d", help="A folder written by sris prepare."),
+    split: str = typer.Option("val", "--split", "-s", help="Split(s) to score, comma-separated, e.g. val,testA,testB."),
+    protocol: Preset = typer.Option(
+        "default", "--protocol",
+        help="Preset: default = original size, σ > recipe τ, P@X with IoU > X (what training's validation reports); "
+        "lavt = 480² input size (ground truth resized, nearest), σ > 0.5 (LAVT's argmax), P@X with IoU ≥ X. "
+        "--resolution / --threshold / --precision override single choices.",
+    ),
+    resolution: Optional[Resolution] = typer.Option(None, "--resolution", help="Score masks at the image's original size or at the model's input size."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="τ on the probability map (default: the recipe's, 0.35)."),
+    precision: Optional[Comparison] = typer.Option(None, "--precision", help="P@X counts IoU > X (strict) or IoU ≥ X (inclusive)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Sentencepiece model (default: DATA/spm.model, else the one beside the checkpoint)."),
+    gpus: int = typer.Option(1, "--gpus", help="Evaluate on N GPUs (NCCL); the figures equal a single process's exactly."),
+    nproc: int = typer.Option(1, "--nproc", help="Evaluate on N CPU processes (gloo); for testing multi-process evaluation."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Expressions per batch (default: the loader's)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Data loader workers (default: the recipe's)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures (IoUs as fractions) to this JSON file."),
+    save_masks: Optional[Path] = typer.Option(None, "--save-masks", help="Write DIR/{split}/{key}_{sent_id}.png (0/255, original size)."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw mIoU by target size as a bar chart (PNG)."),
+) -> None:
+    """Score a trained checkpoint on prepared splits: oIoU, mIoU, P@0.5/0.7/0.9 and IoU by target size."""
+    chosen = resolve_protocol(
+        protocol.value,
+        resolution=resolution.value if resolution else None,
+        threshold=threshold,
+        inclusive=None if precision is None else precision.value == "inclusive",
+    )
+    splits = parse_splits(split)
+    if gpus > 1 and nproc > 1:
+        fail("give --gpus N (GPUs) or --nproc N (CPU processes), not both")
+    processes = max(gpus, nproc)
+    if processes > 1 and "RANK" not in os.environ:
+        if gpus > 1:
+            from shared_ris.distributed import check_gpus
+
+            check_gpus(gpus)
+        args = ["--checkpoint", str(checkpoint), "--data", str(data), "--split", ",".join(splits), "--protocol", protocol.value]
+        args += ["--resolution", chosen.resolution, "--precision", "inclusive" if chosen.inclusive else "strict"]
+        optional = {
+            "--threshold": threshold, "--tokenizer": tokenizer, "--device": device if gpus == 1 else "cuda",
+            "--batch-size": batch_size, "--workers": workers, "--json": json_path, "--save-masks": save_masks, "--plot": plot,
+        }  # fmt: skip
+        for flag, value in optional.items():
+            if value is not None:
+                args += [flag, str(value)]
+        if nproc > 1 and device is None:
+            args += ["--device", "cpu"]
+        _relaunch(processes, args)
+
+    is_main = int(os.environ.get("RANK", 0)) == 0
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True, disable=not is_main) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def advance(name: str, done: int, total: int | None) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(f"{name}: expressions", total=total)
+            bar.update(tasks[name], completed=done)
+
+        report = evaluate_run(
+            checkpoint, data, splits, tokenizer=tokenizer, resolution=chosen.resolution, threshold=chosen.threshold,
+            inclusive=chosen.inclusive, save_masks=save_masks, device=device, batch_size=batch_size,
+            num_workers=workers, progress=advance,
+        )  # fmt: skip
+    if not is_main:
+        return
+    line = report["protocol"]["description"]
+    for name, figures in report["splits"].items():
+        render_split(name, figures, line)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2) + "\n")
+        console.print(f"wrote {json_path}")
+    if save_masks is not None:
+        console.print(f"masks in {save_masks}/{{split}}/")
+    if plot is not None:
+        from shared_ris.visualize import plot_iou_by_size
+
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_iou_by_size({n: f["by_size"] for n, f in report["splits"].items()}, plot, subtitle=line)
+        console.print(f"wrote {plot}")
