@@ -1,0 +1,287 @@
+"""Streaming loaders over prepared shards: training batches and evaluation batches.
+
+Training stream, for reader g = rank·W + v of G = world_size·W (W = worker count, at least 1):
+shard units in a (seed, epoch)-fixed order dealt round-robin → shuffle buffer seeded by (seed,
+epoch, g, G) → one sentence per ref from a seeded generator → batches → decode, resize, tokenise.
+Batch i of the epoch is batch i // W of virtual worker i % W, which is what PyTorch's DataLoader
+hands out in turn; so the stream is a pure function of (seed, epoch, rank, world_size, W), and
+``start_step=k`` lets each worker skip its share of the first k batches before decoding anything.
+
+Evaluation: each reader takes its units once (see :mod:`.streams`) and yields every sentence.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import webdataset as wds
+
+from ..config import Recipe
+from ..tokenizer import Tokenizer
+from .errors import DataError
+from .manifest import read_manifest, resolve, split_info
+from .streams import batched, eval_units, make_units, read_units, train_units
+from .transforms import image_to_tensor, load_image, load_mask, mask_to_tensor
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+
+
+@dataclass
+class StreamSettings:
+    """Everything a worker needs, picklable."""
+
+    urls: list[str]
+    image_size: int
+    text_len: int
+    text_field: str
+    batch_size: int
+    rank: int
+    world_size: int
+    workers: int  # W >= 1: the stream depends on it, even when reading in the main process
+    seed: int = 0
+    shuffle_buffer: int = 1000
+
+
+def _image_bytes(sample: dict) -> bytes:
+    for key in IMAGE_KEYS:
+        if key in sample:
+            return sample[key]
+    raise DataError(f"{sample.get('__url__', '?')}: sample {sample['__key__']} holds no image ({', '.join(k for k in sample if not k.startswith('__'))})")
+
+
+def _decode(sample: dict, size: int) -> tuple[torch.Tensor, object]:
+    """(normalised image (3, S, S), mask as (H, W) uint8 {0,1} array) of a raw sample.
+
+    EXIF orientation is not applied: COCO masks are drawn on the stored pixel grid.
+    """
+    image = load_image(_image_bytes(sample), exif_transpose=False)
+    return image_to_tensor(image, size), load_mask(sample["mask.png"])
+
+
+class _TrainStream(torch.utils.data.IterableDataset):
+    def __init__(self, settings: StreamSettings, tokenizer: Tokenizer, epoch: int, start_step: int) -> None:
+        super().__init__()
+        self.s, self.tokenizer, self.epoch, self.start_step = settings, tokenizer, epoch, start_step
+
+    def __iter__(self) -> Iterator[dict]:
+        s = self.s
+        info = torch.utils.data.get_worker_info()
+        slot = info.id if info else 0
+        virtual = (self.start_step + slot) % s.workers
+        skip = (self.start_step + slot) // s.workers  # this virtual worker's batches before start_step
+        reader, readers = s.rank * s.workers + virtual, s.world_size * s.workers
+        name = f"{s.seed}:{self.epoch}:{reader}:{readers}"
+        units = train_units(s.urls, reader, readers, s.seed, self.epoch)
+        samples = read_units(units, max_empty=10 * len(make_units(s.urls, readers)) + 10)
+        samples = wds.shuffle(s.shuffle_buffer, s.shuffle_buffer, rng=random.Random(f"buffer:{name}"))(samples)
+        chosen = _pick_sentences(samples, random.Random(f"sentences:{name}"), s.text_field)
+        for batch in itertools.islice(batched(chosen, s.batch_size), skip, None):
+            yield self._collate(batch)
+
+    def _collate(self, batch: list[tuple[dict, str]]) -> dict:
+        images, masks = [], []
+        for sample, _ in batch:
+            image, mask = _decode(sample, self.s.image_size)
+            images.append(image)
+            masks.append(mask_to_tensor(mask, self.s.image_size))
+        ids, padding = self.tokenizer([text for _, text in batch], pad_to=self.s.text_len)
+        return {
+            "images": torch.stack(images),
+            "text_ids": ids,
+            "text_padding_mask": padding,
+            "masks": torch.stack(masks),
+            "keys": [sample["__key__"] for sample, _ in batch],
+        }
+
+
+def _pick_sentences(samples, rng: random.Random, field: str) -> Iterator[tuple[dict, str]]:
+    """(raw sample, one sentence's text); one draw per sample, so skipping keeps the sequence."""
+    for sample in samples:
+        sentences = json.loads(sample["json"])["sentences"]
+        yield sample, sentences[rng.randrange(len(sentences))][field]
+
+
+class TrainLoader:
+    """An epoch of training batches for one rank: ``len()`` = optimizer steps per epoch.
+
+    Iterating yields batches ``start_step .. len() - 1`` of the epoch (all of them when
+    ``start_step`` is 0), the same number on every rank. Re-iterating replays the same epoch;
+    call :meth:`set_epoch` to move on.
+    """
+
+    def __init__(self, settings: StreamSettings, tokenizer: Tokenizer, steps: int, num_workers: int, epoch: int, start_step: int, samples: int) -> None:
+        self.settings, self.tokenizer, self.num_workers = settings, tokenizer, num_workers
+        self.steps_per_epoch, self.samples = steps, samples
+        self.set_epoch(epoch, start_step)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if not 0 <= start_step <= self.steps_per_epoch:
+            raise DataError(f"start_step {start_step} is outside the epoch's {self.steps_per_epoch} steps")
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[dict]:
+        remaining = self.steps_per_epoch - self.start_step
+        if remaining <= 0:
+            return
+        stream = _TrainStream(self.settings, self.tokenizer, self.epoch, self.start_step)
+        batches = iter(_data_loader(stream, self.num_workers))
+        try:
+            for _ in range(remaining):
+                yield next(batches)
+        finally:
+            del batches  # shuts the workers down; the stream itself never ends
+
+
+class _EvalStream(torch.utils.data.IterableDataset):
+    def __init__(self, settings: StreamSettings, tokenizer: Tokenizer) -> None:
+        super().__init__()
+        self.s, self.tokenizer = settings, tokenizer
+
+    def __iter__(self) -> Iterator[dict]:
+        s = self.s
+        info = torch.utils.data.get_worker_info()
+        reader, readers = s.rank * s.workers + (info.id if info else 0), s.world_size * s.workers
+        items = self._sentences(read_units(eval_units(s.urls, reader, readers)))
+        for batch in batched(items, s.batch_size):
+            ids, padding = self.tokenizer([item["text"] for item in batch], pad_to=s.text_len)
+            yield {
+                "images": torch.stack([item["image"] for item in batch]),
+                "text_ids": ids,
+                "text_padding_mask": padding,
+                "orig_masks": [item["mask"] for item in batch],
+                "keys": [item["key"] for item in batch],
+                "sent_ids": [item["sent_id"] for item in batch],
+                "texts": [item["text"] for item in batch],
+            }
+
+    def _sentences(self, samples) -> Iterator[dict]:
+        for sample in samples:
+            image, mask = _decode(sample, self.s.image_size)
+            mask = torch.from_numpy(mask)
+            for sentence in json.loads(sample["json"])["sentences"]:
+                yield {"image": image, "mask": mask, "key": sample["__key__"], "sent_id": sentence["sent_id"], "text": sentence[self.s.text_field]}
+
+
+class EvalLoader:
+    """Every sentence of every sample of a split, each once across all ranks × workers."""
+
+    def __init__(self, stream: _EvalStream, num_workers: int, samples: int, sentences: int) -> None:
+        self.stream, self.num_workers = stream, num_workers
+        self.samples, self.sentences = samples, sentences  # of the whole split, all ranks together
+
+    def __iter__(self) -> Iterator[dict]:
+        return iter(_data_loader(self.stream, self.num_workers))
+
+
+def _data_loader(stream: torch.utils.data.IterableDataset, num_workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, prefetch_factor=2 if num_workers else None)
+
+
+def _settings(data_dir, split, recipe: Recipe, tokenizer: Tokenizer, rank, world_size, num_workers, batch_size, shards) -> tuple[StreamSettings, dict, int]:
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is outside world_size {world_size}")
+    if tokenizer.max_len > recipe.model.max_text_len:
+        raise DataError(
+            f"tokenizer max_len {tokenizer.max_len} exceeds model.max_text_len {recipe.model.max_text_len}; "
+            f"build it as Tokenizer(path, max_len={recipe.model.max_text_len})"
+        )
+    info = split_info(read_manifest(data_dir), split, data_dir)
+    urls = _urls(data_dir, info["shards"], shards)
+    workers = recipe.data.num_workers if num_workers is None else num_workers
+    settings = StreamSettings(
+        urls=urls,
+        image_size=recipe.model.image_size,
+        text_len=recipe.model.max_text_len,
+        text_field=recipe.data.text_field,
+        batch_size=batch_size or recipe.train.batch_size,
+        rank=rank,
+        world_size=world_size,
+        workers=max(1, workers),
+        seed=recipe.train.seed,
+        shuffle_buffer=max(1, recipe.data.shuffle_buffer),
+    )
+    return settings, info, workers
+
+
+def _urls(data_dir, names: list[str], shards: str | list[str] | None) -> list[str]:
+    if shards is None:
+        return [resolve(data_dir, name) for name in names]
+    if isinstance(shards, (str, Path)):
+        return wds.shardlists.expand_urls(str(shards))
+    return [str(url) for url in shards]
+
+
+def build_train_loader(
+    data_dir: str | Path,
+    recipe: Recipe,
+    tokenizer: Tokenizer,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    epoch: int = 0,
+    start_step: int = 0,
+    num_workers: int | None = None,
+    batch_size: int | None = None,
+    shards: str | list[str] | None = None,
+) -> TrainLoader:
+    """Training batches of ``recipe.data.train_split`` for one DDP rank.
+
+    Args:
+        data_dir: a prepared folder, URL prefix or ``{}`` template (see :mod:`.manifest`).
+        recipe: image size, text length, text field, shuffle buffer, seed, batch size, workers.
+        tokenizer: a :class:`~shared_ris.Tokenizer` whose ``max_len`` is at most ``model.max_text_len``.
+        rank, world_size: this process's place in DDP.
+        epoch: selects the shard order and shuffles; start_step: first batch to yield (resume).
+        num_workers: DataLoader workers (default ``recipe.data.num_workers``; 0 = main process).
+        batch_size: per rank (default ``recipe.train.batch_size``).
+        shards: other URLs for the same shards (brace pattern, list, ``pipe:`` commands).
+
+    Batches: ``images`` (B, 3, S, S) float32 normalised, ``text_ids`` (B, T) long,
+    ``text_padding_mask`` (B, T) bool (True = pad), ``masks`` (B, 1, S, S) float32 in {0, 1},
+    ``keys`` list[str]; S = ``model.image_size``, T = ``model.max_text_len``.
+    """
+    settings, info, workers = _settings(data_dir, recipe.data.train_split, recipe, tokenizer, rank, world_size, num_workers, batch_size, shards)
+    steps = info["samples"] // (settings.batch_size * world_size)
+    if steps == 0:
+        raise DataError(
+            f"{data_dir}: split '{recipe.data.train_split}' has {info['samples']} samples, fewer than one batch "
+            f"({settings.batch_size} x {world_size} ranks); lower train.batch_size"
+        )
+    return TrainLoader(settings, tokenizer, steps, workers, epoch, start_step, info["samples"])
+
+
+def build_eval_loader(
+    data_dir: str | Path,
+    split: str,
+    recipe: Recipe,
+    tokenizer: Tokenizer,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int | None = None,
+    batch_size: int | None = None,
+    shards: str | list[str] | None = None,
+) -> EvalLoader:
+    """Every sentence of every sample of ``split``, once across all ranks and workers.
+
+    Batches: ``images``, ``text_ids``, ``text_padding_mask`` as in training, plus ``orig_masks``
+    (list of (H_i, W_i) uint8 tensors in {0, 1} at the original image size), ``keys`` list[str],
+    ``sent_ids`` list[int], ``texts`` list[str]. The last batch of each worker may be smaller.
+    """
+    settings, info, workers = _settings(data_dir, split, recipe, tokenizer, rank, world_size, num_workers, batch_size, shards)
+    return EvalLoader(_EvalStream(settings, tokenizer), workers, info["samples"], info["sentences"])
+
+
+def train_steps_per_epoch(data_dir: str | Path, recipe: Recipe, world_size: int = 1, batch_size: int | None = None) -> int:
+    """Optimizer steps per epoch per rank, from the manifest alone (for schedules)."""
+    info = split_info(read_manifest(data_dir), recipe.data.train_split, data_dir)
+    return info["samples"] // ((batch_size or recipe.train.batch_size) * world_size)

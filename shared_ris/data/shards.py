@@ -1,0 +1,284 @@
+"""Write items to WebDataset shards: deterministic boundaries, atomic files, resumable, parallel.
+
+Items of a split (already sorted) are cut into shards of ``shard_size``: shard i holds items
+[i·N, (i+1)·N), whatever gets skipped inside it, so a shard's name always means the same content.
+A worker writes ``NAME.tar.tmp`` and renames it when complete; the main process then records the
+shard in ``manifest.json`` (``"complete": false`` until the end). A re-run with the same settings
+keeps every recorded shard whose file exists and redoes the rest, so a killed run loses at most the
+shards in flight and never duplicates a sample.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import webdataset as wds
+
+from .. import __version__
+from .errors import DataError
+from .manifest import MANIFEST, load_manifest_file, write_manifest
+
+DEFAULT_SHARD_SIZE = 1000
+RECORDS = "shard_records"  # per-shard statistics, in plan order; what a re-run resumes from
+
+SampleMaker = Callable[[dict], "tuple[dict | None, list[dict]]"]
+Progress = Callable[[int, int], None]
+
+
+def shard_name(dataset: str, split: str, index: int) -> str:
+    return f"{dataset}-{split}-{index:06d}.tar"
+
+
+@dataclass
+class ShardJob:
+    name: str
+    split: str
+    items: list[dict]
+
+
+def plan_shards(dataset: str, splits: dict[str, list[dict]], shard_size: int) -> list[ShardJob]:
+    if shard_size < 1:
+        raise DataError(f"shard size must be at least 1, got {shard_size}")
+    return [
+        ShardJob(shard_name(dataset, split, i // shard_size), split, items[i : i + shard_size])
+        for split, items in splits.items()
+        for i in range(0, len(items), shard_size)
+    ]
+
+
+# -- worker side -----------------------------------------------------------------------------------
+
+_counter = None  # items finished in this process tree (a multiprocessing.Value, or a local stand-in)
+
+
+class _InlineTally:
+    """The in-process stand-in for the shared counter: reports every item straight away."""
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.value, self.progress, self.total = 0, progress, total
+
+    def add(self) -> None:
+        self.value += 1
+        if self.progress:
+            self.progress(self.value, self.total)
+
+
+def _init_worker(counter) -> None:
+    global _counter
+    _counter = counter
+
+
+def _tick() -> None:
+    if isinstance(_counter, _InlineTally):
+        _counter.add()
+    elif _counter is not None:
+        with _counter.get_lock():
+            _counter.value += 1
+
+
+def write_shard(out_dir: str, job: ShardJob, make_sample: SampleMaker, strict: bool) -> dict:
+    """Write one shard to a temp name, rename it when complete; return its statistics."""
+    final = Path(out_dir) / job.name
+    tmp = final.with_name(final.name + ".tmp")
+    stats = {"split": job.split, "samples": 0, "sentences": 0, "skipped": [], "image_ids": set()}
+    with open(tmp, "wb") as stream:
+        with wds.TarWriter(stream, encoder=False, mtime=0, user="", group="") as writer:
+            for item in job.items:
+                sample, skips = make_sample(item)
+                if skips and strict:
+                    first = skips[0]
+                    raise DataError(f"ref {first['ref_id']} ({first['split']}): {first['reason']}; --strict stops at the first skipped item")
+                stats["skipped"] += skips
+                if sample is not None:
+                    writer.write(sample)
+                    stats["samples"] += 1
+                    stats["sentences"] += len(json.loads(sample["json"])["sentences"])
+                    stats["image_ids"].add(item["image_id"])
+                _tick()
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(tmp, final)
+    stats["bytes"] = final.stat().st_size
+    stats["image_ids"] = sorted(stats["image_ids"])
+    return stats
+
+
+# -- main side --------------------------------------------------------------------------------------
+
+
+def _resume_state(out: Path, jobs: list[ShardJob], config: dict, overwrite: bool) -> dict[str, dict]:
+    """Finished shards to keep; removes leftovers of interrupted or overwritten runs."""
+    path = out / MANIFEST
+    previous = load_manifest_file(path) if path.is_file() else {}
+    names = {job.name for job in jobs}
+    ours = names | set(previous.get(RECORDS, {})) if overwrite else names
+    for tmp in out.glob("*.tar.tmp"):
+        if tmp.name[: -len(".tmp")] in ours:
+            tmp.unlink()
+    if overwrite:
+        for name in ours:
+            (out / name).unlink(missing_ok=True)
+        return {}
+    if not previous:
+        return {}
+    if previous.get("config") != config:
+        old = previous.get("config", {})
+        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
+        detail = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff[:3])
+        raise DataError(f"{path}: this folder was prepared with other settings ({detail}); pass --overwrite to rebuild it or choose another --out")
+    done = previous.get(RECORDS, {})
+    return {name: stats for name, stats in done.items() if name in names and (out / name).is_file()}
+
+
+def write_all(
+    out_dir: str | Path,
+    jobs: list[ShardJob],
+    make_sample: SampleMaker,
+    *,
+    header: dict,
+    workers: int = 1,
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, dict]:
+    """Write every unfinished shard; return the statistics of all shards by name.
+
+    ``header`` is the manifest's identity (``tool``, ``version``, ``dataset``, ``config``, ...): the
+    in-progress manifest carries it, and a re-run resumes only if ``header["config"]`` matches.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    done = _resume_state(out, jobs, header["config"], overwrite)
+    todo = [job for job in jobs if job.name not in done]
+    total = sum(len(job.items) for job in todo)
+
+    def record(name: str, stats: dict) -> None:
+        done[name] = stats
+        write_manifest(out, {**header, "complete": False, RECORDS: done})
+
+    write_manifest(out, {**header, "complete": False, RECORDS: done})
+    if progress:
+        progress(0, total)
+    if workers <= 1 or len(todo) <= 1:
+        _run_inline(out, todo, make_sample, strict, progress, total, record)
+    else:
+        _run_pool(out, todo, make_sample, strict, progress, total, record, workers)
+    return done
+
+
+def _run_inline(out, todo, make_sample, strict, progress, total, record) -> None:
+    _init_worker(_InlineTally(progress, total))
+    try:
+        for job in todo:
+            record(job.name, write_shard(str(out), job, make_sample, strict))
+    finally:
+        _init_worker(None)
+
+
+def _run_pool(out, todo, make_sample, strict, progress, total, record, workers) -> None:
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    counter = context.Value("q", 0)
+    with cf.ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_init_worker, initargs=(counter,)) as pool:
+        futures = {pool.submit(write_shard, str(out), job, make_sample, strict): job for job in todo}
+        pending = set(futures)
+        try:
+            while pending:
+                finished, pending = cf.wait(pending, timeout=0.25, return_when=cf.FIRST_COMPLETED)
+                for future in finished:
+                    record(futures[future].name, future.result())
+                if progress:
+                    progress(counter.value, total)
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
+
+
+def summarize(jobs: Iterable[ShardJob], done: dict[str, dict]) -> tuple[dict, list[dict]]:
+    """Per-split statistics and the skip list, from the shard records (in plan order)."""
+    splits: dict[str, dict] = {}
+    skipped: list[dict] = []
+    images: dict[str, set] = {}
+    for job in jobs:
+        stats = done[job.name]
+        split = splits.setdefault(job.split, _empty_split())
+        skipped += stats["skipped"]
+        images.setdefault(job.split, set()).update(stats["image_ids"])
+        if stats["samples"] == 0:
+            continue  # every item skipped: the file exists (so resume knows it is done) but is not listed
+        split["samples"] += stats["samples"]
+        split["sentences"] += stats["sentences"]
+        split["bytes"] += stats["bytes"]
+        split["shards"].append(job.name)
+        split["shard_samples"].append(stats["samples"])
+        split["shard_sentences"].append(stats["sentences"])
+    for name, split in splits.items():
+        split["images"] = len(images[name])
+    return splits, skipped
+
+
+def skip_counts(skipped: list[dict]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for record in skipped:
+        reason = record["reason"].split(" (")[0]
+        counts[reason] = counts.get(reason, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _empty_split() -> dict:
+    return {"samples": 0, "sentences": 0, "images": 0, "bytes": 0, "shards": [], "shard_samples": [], "shard_sentences": []}
+
+
+def default_workers() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores))
+
+
+def write_dataset(
+    dataset: str,
+    out_dir: str | Path,
+    splits: dict[str, list[dict]],
+    make_sample: SampleMaker,
+    *,
+    config: dict,
+    sources: dict,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    workers: int | None = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """Shards for every split (resuming), then the final manifest, which is written and returned.
+
+    Args:
+        splits: split name → items in shard order; each item is a dict with at least ``ref_id``
+            and ``image_id`` that ``make_sample`` (a picklable, module-level function) turns into
+            ``(sample or None, skip records)``.
+        config: the settings a resume must match; sources: where the inputs came from.
+        extra: more top-level manifest entries (e.g. ``excluded_images``).
+    """
+    jobs = plan_shards(dataset, splits, shard_size)
+    header = {"tool": "shared-ris", "version": __version__, "dataset": dataset, "config": config, "sources": sources}
+    done = write_all(
+        out_dir, jobs, make_sample, header=header, workers=workers or default_workers(),
+        strict=strict, overwrite=overwrite, progress=progress,
+    )
+    split_stats, skipped = summarize(jobs, done)
+    manifest = {
+        **header,
+        "complete": True,
+        "splits": {name: split_stats.get(name, _empty_split()) for name in splits},
+        **(extra or {}),
+        "skipped_counts": skip_counts(skipped),
+        "skipped": skipped,
+        RECORDS: {job.name: done[job.name] for job in jobs},
+    }
+    write_manifest(out_dir, manifest)
+    return manifest

@@ -1,0 +1,279 @@
+"""A referring-shapes set in the shard format, so the whole toolkit runs offline.
+
+Every image holds 3-6 coloured circles, squares and triangles, large or small, on a textured
+background, drawn in z-order (overlaps allowed). The target always shares its colour with one
+object and its shape with another, so neither word alone finds it; each expression is a query
+(attributes, optionally "the leftmost ..."/"... at the bottom") that is checked to select exactly
+the target before it is kept. The mask is the target's visible part. A sample is a pure function
+of (seed, split, index), so the set is the same whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import DataError
+from .shards import DEFAULT_SHARD_SIZE, Progress, write_dataset
+from .transforms import encode_mask_png
+
+DATASET = "synthetic"
+SPLITS = ("train", "val", "test")
+COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 225), "yellow": (235, 205, 40)}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": (0.085, 0.105), "large": (0.16, 0.2)}  # half-extent as a fraction of the image side
+MIN_VISIBLE = 0.6  # every object keeps at least this share of its pixels, so its attributes stay visible
+MARGIN = 0.12  # "leftmost" needs a lead of this share of the image side over the runner-up
+
+ATTRIBUTE_TEMPLATES = {
+    ("colour", "shape"): ("the {colour} {shape}", "{colour} {shape}", "the {shape} that is {colour}"),
+    ("size", "shape"): ("the {size} {shape}", "{size} {shape}", "the {shape} that is {size}"),
+    ("size", "colour"): ("the {size} {colour} one", "the {size} {colour} shape"),
+    ("size", "colour", "shape"): ("the {size} {colour} {shape}",),
+}
+# {thing} is "{shape}" or "{colour} one"; "on the left" for a pair, "leftmost" for any group
+SPATIAL_TEMPLATES = {
+    "left": ("the {thing} on the left", "the leftmost {thing}"),
+    "right": ("the {thing} on the right", "the rightmost {thing}"),
+    "top": ("the {thing} at the top", "the topmost {thing}"),
+    "bottom": ("the {thing} at the bottom", "the lowest {thing}"),
+}
+
+
+@dataclass
+class Shape:
+    shape: str
+    colour: str
+    size: str
+    cx: float
+    cy: float
+    r: float
+
+    def pixels(self, grid_y: np.ndarray, grid_x: np.ndarray) -> np.ndarray:
+        dx, dy = grid_x - self.cx, grid_y - self.cy
+        if self.shape == "circle":
+            return dx * dx + dy * dy <= self.r * self.r
+        if self.shape == "square":
+            return (np.abs(dx) <= self.r) & (np.abs(dy) <= self.r)
+        # triangle pointing up, inscribed in the square: apex (0, -r), base corners (±r, r)
+        return (dy <= self.r) & (2 * np.abs(dx) <= dy + self.r)
+
+
+# -- expressions ------------------------------------------------------------------------------------
+
+
+def _select(objects: list[Shape], attrs: dict[str, str], direction: str | None, size: int) -> int | None:
+    """The index of the single object the query picks, or None when it picks none or several."""
+    group = [i for i, o in enumerate(objects) if all(getattr(o, k) == v for k, v in attrs.items())]
+    if direction is None:
+        return group[0] if len(group) == 1 else None
+    if len(group) < 2:
+        return None  # "the leftmost red one" presumes several red ones
+    sign, axis = {"left": (1, "cx"), "right": (-1, "cx"), "top": (1, "cy"), "bottom": (-1, "cy")}[direction]
+    ranked = sorted(group, key=lambda i: sign * getattr(objects[i], axis))
+    lead = sign * (getattr(objects[ranked[1]], axis) - getattr(objects[ranked[0]], axis))
+    return ranked[0] if lead >= MARGIN * size else None
+
+
+def expressions(objects: list[Shape], target: int, size: int, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """Every (kind, text) that selects exactly ``objects[target]``, one random phrasing per query."""
+    t = objects[target]
+    found = []
+    for keys, templates in ATTRIBUTE_TEMPLATES.items():
+        attrs = {k: getattr(t, k) for k in keys}
+        if _select(objects, attrs, None, size) == target:
+            found.append(("+".join(keys), str(rng.choice(templates)).format(**attrs)))
+    for key in ("colour", "shape"):
+        thing = t.shape if key == "shape" else f"{t.colour} one"
+        for direction, templates in SPATIAL_TEMPLATES.items():
+            if _select(objects, {key: getattr(t, key)}, direction, size) == target:
+                group = sum(getattr(o, key) == getattr(t, key) for o in objects)
+                template = templates[int(rng.integers(2))] if group == 2 else templates[1]
+                found.append((f"{key}+{direction}", template.format(thing=thing)))
+    return found
+
+
+def vocabulary_sentences() -> list[str]:
+    """Every expression the generator can write (for training the tokenizer)."""
+    values = {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES)}
+    out = []
+    for keys, templates in ATTRIBUTE_TEMPLATES.items():
+        for combo in itertools.product(*(values[k] for k in keys)):
+            out += [tpl.format(**dict(zip(keys, combo))) for tpl in templates]
+    things = list(SHAPES) + [f"{c} one" for c in COLOURS]
+    out += [tpl.format(thing=thing) for templates in SPATIAL_TEMPLATES.values() for tpl in templates for thing in things]
+    return out
+
+
+def raw_text(sent: str) -> str:
+    """The "as typed" variant kept in ``raw``: capitalised, with a full stop."""
+    return sent[:1].upper() + sent[1:] + "."
+
+
+# -- scenes -----------------------------------------------------------------------------------------
+
+
+def _random_shape(rng: np.random.Generator, size: int, shape=None, colour=None, size_name=None) -> Shape:
+    size_name = size_name or str(rng.choice(list(SIZES)))
+    low, high = SIZES[size_name]
+    r = float(rng.uniform(low, high)) * size
+    return Shape(
+        shape=shape or str(rng.choice(SHAPES)),
+        colour=colour or str(rng.choice(list(COLOURS))),
+        size=size_name,
+        cx=float(rng.uniform(r, size - r)),
+        cy=float(rng.uniform(r, size - r)),
+        r=r,
+    )
+
+
+def _scene_objects(rng: np.random.Generator, size: int) -> list[Shape]:
+    """Target first, then a colour twin and a shape twin (so no single word suffices), then others."""
+    target = _random_shape(rng, size)
+    colour_twin = _random_shape(rng, size, shape=str(rng.choice([s for s in SHAPES if s != target.shape])), colour=target.colour)
+    shape_twin = _random_shape(rng, size, shape=target.shape, colour=str(rng.choice([c for c in COLOURS if c != target.colour])))
+    others = [_random_shape(rng, size) for _ in range(int(rng.integers(0, 4)))]
+    return [target, colour_twin, shape_twin, *others]
+
+
+def _render_labels(objects: list[Shape], size: int, order: list[int]) -> tuple[np.ndarray, list[np.ndarray]]:
+    grid_y, grid_x = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    labels = np.full((size, size), -1, dtype=np.int16)
+    full = [o.pixels(grid_y, grid_x) for o in objects]
+    for i in order:  # back to front
+        labels[full[i]] = i
+    return labels, full
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    grid_y, grid_x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    base = rng.uniform(95, 165) + rng.uniform(-12, 12, size=3)
+    texture = np.zeros((size, size), np.float32)
+    for _ in range(3):
+        fx, fy, phase = rng.uniform(1, 6), rng.uniform(1, 6), rng.uniform(0, 2 * np.pi)
+        texture += np.sin(2 * np.pi * (fx * grid_x + fy * grid_y) + phase) * rng.uniform(4, 10)
+    return base[None, None, :].astype(np.float32) + texture[..., None] + 5 * rng.standard_normal((size, size, 3), dtype=np.float32)
+
+
+def make_scene(rng: np.random.Generator, size: int, attempts: int = 100):
+    """(image HxWx3 uint8, objects, label map) with every object visible enough; target is index 0."""
+    for _ in range(attempts):
+        objects = _scene_objects(rng, size)
+        order = [int(i) for i in rng.permutation(len(objects))]
+        labels, full = _render_labels(objects, size, order)
+        visible = [(labels == i).sum() / max(int(f.sum()), 1) for i, f in enumerate(full)]
+        if min(visible) < MIN_VISIBLE:
+            continue
+        image = _background(rng, size)
+        for i, obj in enumerate(objects):
+            shade = np.asarray(COLOURS[obj.colour], np.float32) * rng.uniform(0.85, 1.1)
+            region = labels == i
+            image[region] = shade + 6 * rng.standard_normal((int(region.sum()), 3), dtype=np.float32)
+        return np.clip(image, 0, 255).astype(np.uint8), objects, labels
+    raise RuntimeError("could not place the shapes; the image size is too small")  # pragma: no cover
+
+
+def make_synthetic_sample(item: dict) -> tuple[dict, list[dict]]:
+    """One ref: image, visible mask of the target, 2-3 expressions that each select only it."""
+    size = item["size"]
+    rng = np.random.default_rng([item["seed"], SPLITS.index(item["split"]), item["index"]])
+    while True:  # a scene where at least two different cue combinations single out the target
+        image, objects, labels = make_scene(rng, size)
+        found = expressions(objects, 0, size, rng)
+        if len(found) >= 2:
+            break
+    texts = [found[j][1] for j in rng.permutation(len(found))[: int(rng.integers(2, 4))]]
+    mask = (labels == 0).astype(np.uint8)
+    ys, xs = np.nonzero(mask)
+    target = objects[0]
+    meta = {
+        "ref_id": item["ref_id"], "ann_id": item["ref_id"], "image_id": item["image_id"],
+        "category_id": SHAPES.index(target.shape) + 1,
+        "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)],
+        "split": item["split"], "dataset": DATASET, "width": size, "height": size,
+        "sentences": [{"sent_id": item["ref_id"] * 10 + k, "sent": text, "raw": raw_text(text)} for k, text in enumerate(texts)],
+        "objects": [  # the scene, target first, for analyses (e.g. IoU by cue) and tests
+            {"shape": o.shape, "colour": o.colour, "size": o.size, "cx": round(o.cx, 2), "cy": round(o.cy, 2), "r": round(o.r, 2)}
+            for o in objects
+        ],
+    }
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=92)
+    sample = {
+        "__key__": f"{DATASET}-{item['split']}-{item['index']:07d}",
+        "jpg": buffer.getvalue(),
+        "mask.png": encode_mask_png(mask),
+        "json": json.dumps(meta).encode("utf-8"),
+    }
+    return sample, []
+
+
+# -- tokenizer and entry point ------------------------------------------------------------------------
+
+
+def train_tokenizer(path: str | Path, vocab_size: int = 128) -> Path:
+    """A small BPE sentencepiece model over every expression the generator writes (sent and raw).
+
+    BPE at 128 pieces keeps every word of the generator whole and still spells unseen words.
+    """
+    import sentencepiece as spm
+
+    sentences = vocabulary_sentences()
+    corpus = sentences + [raw_text(s) for s in sentences]
+    buffer = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus * 4), model_writer=buffer, vocab_size=vocab_size, model_type="bpe",
+        hard_vocab_limit=False, character_coverage=1.0, num_threads=1, minloglevel=2,
+    )
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(buffer.getvalue())
+    tmp.replace(path)
+    return path
+
+
+def prepare_synthetic(
+    out_dir: str | Path,
+    train: int = 4000,
+    val: int = 300,
+    test: int = 300,
+    size: int = 128,
+    seed: int = 0,
+    progress: Progress | None = None,
+    *,
+    workers: int | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    overwrite: bool = False,
+) -> dict:
+    """Write ``synthetic-{split}-NNNNNN.tar``, ``manifest.json`` and ``spm.model`` to ``out_dir``.
+
+    Args:
+        train, val, test: refs (one per image) per split; 0 leaves a split out.
+        size: image side in pixels (at least 64).
+        seed: the whole set is a function of it (and of the counts and size).
+        progress, workers, shard_size, overwrite: as :func:`prepare_refer`.
+    """
+    if size < 64:
+        raise DataError(f"--size {size} is too small to draw several distinguishable shapes; use 64 or more")
+    counts = {"train": train, "val": val, "test": test}
+    if any(n < 0 for n in counts.values()) or not any(counts.values()):
+        raise DataError(f"sample counts must be >= 0 and not all 0, got train={train} val={val} test={test}")
+    splits = {
+        split: [{"split": split, "index": i, "ref_id": i, "image_id": i, "seed": seed, "size": size} for i in range(n)]
+        for split, n in counts.items() if n
+    }
+    config = {"dataset": DATASET, "counts": counts, "size": size, "seed": seed, "shard_size": shard_size}
+    sources = {"generator": "shared_ris.data.synthetic", "seed": seed, "size": size}
+    manifest = write_dataset(
+        DATASET, out_dir, splits, make_synthetic_sample, config=config, sources=sources, shard_size=shard_size,
+        workers=workers, strict=True, overwrite=overwrite, progress=progress,
+        extra={"tokenizer": "spm.model"},
+    )
+    train_tokenizer(Path(out_dir) / "spm.model")
+    return manifest
