@@ -5,6 +5,7 @@ import typer
 from .evaluate import evaluate
 from .flops import flops
 from .predict import predict
+from .prepare import prepare_app
 
 app = typer.Typer(
     name="sris",
@@ -31,6 +32,7 @@ def _root(
 app.command()(flops)
 app.command("eval")(evaluate)
 app.command()(predict)
+app.add_typer(prepare_app, name="prepare")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -1,0 +1,146 @@
+"""``sris prepare``: RefCOCO/+/g, their union, or the synthetic set → WebDataset shards + manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from shared_ris.data import prepare_combined, prepare_refer, prepare_synthetic
+
+from .common import console, user_errors
+
+prepare_app = typer.Typer(
+    help="Convert a dataset to WebDataset shards ({dataset}-{split}-NNNNNN.tar) plus manifest.json. "
+    "Re-running the same command resumes from the finished shards.",
+    no_args_is_help=True,
+)
+
+ReferRoot = typer.Option(..., "--refer-root", help="The refer API data folder: refcoco/refs(unc).p, refcoco/instances.json, ...")
+Images = typer.Option(..., "--images", help="COCO train2014/ (COCO_train2014_000000000009.jpg, ...).")
+Out = typer.Option(..., "--out", help="Output folder (one per dataset).")
+Splits = typer.Option(None, "--splits", help="Comma-separated subset, e.g. val,testA (default: all).")
+ShardSize = typer.Option(1000, "--shard-size", min=1, help="Refs per shard.")
+Workers = typer.Option(None, "--workers", min=1, help="Processes writing shards (default: CPU count, at most 8).")
+Limit = typer.Option(None, "--limit", min=1, help="Keep the first N refs of each split (quick trials).")
+Strict = typer.Option(False, "--strict", help="Fail on the first skipped item instead of counting it.")
+Overwrite = typer.Option(False, "--overwrite", help="Rebuild from scratch instead of resuming.")
+
+
+def _run(what: str, fn: Callable[..., dict], **kwargs) -> dict:
+    """Call ``fn`` with a progress callback: a spinner while inputs load, then a bar with refs/s and ETA."""
+    columns = (
+        TextColumn(f"[bold]{what}[/]"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} refs/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+    )
+    bar = Progress(*columns, console=console)
+    task = bar.add_task(what, total=None, rate="-")
+    with console.status(f"{what}: reading inputs...") as status:
+
+        def progress(done: int, total: int) -> None:
+            if not bar.live.is_started:
+                status.stop()
+                bar.start()
+            bar.update(task, completed=done, total=total)
+            speed = bar.tasks[task].speed
+            bar.update(task, rate=f"{speed:.0f}" if speed else "-")
+
+        try:
+            manifest = fn(progress=progress, **kwargs)
+        finally:
+            bar.stop()
+    _summary(manifest, Path(kwargs["out_dir"]))
+    return manifest
+
+
+def _summary(manifest: dict, out: Path) -> None:
+    table = Table(title=f"{manifest['dataset']} → {out}")
+    for column in ("split", "samples", "sentences", "images", "shards", "MB"):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for name, split in manifest["splits"].items():
+        table.add_row(name, str(split["samples"]), str(split["sentences"]), str(split["images"]), str(len(split["shards"])), f"{split['bytes'] / 1e6:.1f}")
+    console.print(table)
+    if "excluded_images" in manifest:
+        console.print(f"train: dropped {manifest['excluded_refs']} refs on {manifest['excluded_images']} images that appear in a val/test split")
+    if manifest["skipped_counts"]:
+        skipped = Table(title="skipped (details in manifest.json)")
+        skipped.add_column("reason")
+        skipped.add_column("count", justify="right")
+        for reason, count in manifest["skipped_counts"].items():
+            skipped.add_row(reason, str(count))
+        console.print(skipped)
+    else:
+        console.print("nothing skipped")
+
+
+def _refer_command(dataset: str, split_by_default: str, split_by_help: str):
+    @user_errors
+    def command(
+        refer_root: Path = ReferRoot,
+        images: Path = Images,
+        out: Path = Out,
+        split_by: str = typer.Option(split_by_default, "--split-by", help=split_by_help),
+        splits: Optional[str] = Splits,
+        shard_size: int = ShardSize,
+        workers: Optional[int] = Workers,
+        limit: Optional[int] = Limit,
+        strict: bool = Strict,
+        overwrite: bool = Overwrite,
+    ) -> None:
+        _run(
+            f"{dataset} ({split_by})", prepare_refer, dataset=dataset, refer_root=refer_root, images_dir=images, out_dir=out,
+            split_by=split_by, splits=splits, shard_size=shard_size, workers=workers, limit=limit, strict=strict, overwrite=overwrite,
+        )
+
+    command.__doc__ = f"{dataset}: refs({split_by_default}).p + instances.json + COCO images → shards."
+    return command
+
+
+prepare_app.command("refcoco")(_refer_command("refcoco", "unc", "unc (train/val/testA/testB) or google."))
+prepare_app.command("refcoco+")(_refer_command("refcoco+", "unc", "unc (train/val/testA/testB)."))
+prepare_app.command("refcocog")(_refer_command("refcocog", "umd", "umd (train/val/test) or google (train/val)."))
+
+
+@prepare_app.command("refcoco-combined")
+@user_errors
+def combined(
+    refer_root: Path = ReferRoot,
+    images: Path = Images,
+    out: Path = Out,
+    splits: Optional[str] = typer.Option(
+        None, "--splits", help="train and/or {dataset}-{split} names (default: train,refcoco-val,refcoco+-val,refcocog-val)."
+    ),
+    shard_size: int = ShardSize,
+    workers: Optional[int] = Workers,
+    limit: Optional[int] = Limit,
+    strict: bool = Strict,
+    overwrite: bool = Overwrite,
+) -> None:
+    """Train on RefCOCO + RefCOCO+ + RefCOCOg, minus every image of any of their val/test splits."""
+    _run(
+        "refcoco-combined", prepare_combined, refer_root=refer_root, images_dir=images, out_dir=out, splits=splits,
+        shard_size=shard_size, workers=workers, limit=limit, strict=strict, overwrite=overwrite,
+    )
+
+
+@prepare_app.command("synthetic")
+@user_errors
+def synthetic(
+    out: Path = Out,
+    train: int = typer.Option(4000, "--train", min=0, help="Training refs (one image each)."),
+    val: int = typer.Option(300, "--val", min=0, help="Validation refs."),
+    test: int = typer.Option(300, "--test", min=0, help="Test refs."),
+    size: int = typer.Option(128, "--size", min=64, help="Image side in pixels."),
+    seed: int = typer.Option(0, "--seed", help="The set is a pure function of the seed, counts and size."),
+    shard_size: int = ShardSize,
+    workers: Optional[int] = Workers,
+    overwrite: bool = Overwrite,
+) -> None:
+    """Referring shapes ("the leftmost red one") in the same shard format, plus spm.model for the tiny recipe."""
+    _run(
+        "synthetic", prepare_synthetic, out_dir=out, train=train, val=val, test=test, size=size, seed=seed,
+        shard_size=shard_size, workers=workers, overwrite=overwrite,
+    )
