@@ -13,7 +13,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from shared_ris.evaluate import PROTOCOLS, evaluate_run, parse_splits, resolve_protocol
+from shared_ris.evaluate import PROTOCOLS, check_eval_inputs, evaluate_run, parse_splits, resolve_protocol
 
 from .common import console, fail, user_errors
 
@@ -97,23 +97,18 @@ def evaluate(
     if gpus > 1 and nproc > 1:
         fail("give --gpus N (GPUs) or --nproc N (CPU processes), not both")
     processes = max(gpus, nproc)
-    if processes > 1 and "RANK" not in os.environ:
+    if processes > 1 and "RANK" not in os.environ:  # the launcher: check once, then run N copies of this command
         if gpus > 1:
             from shared_ris.distributed import check_gpus
 
             check_gpus(gpus)
-        args = ["--checkpoint", str(checkpoint), "--data", str(data), "--split", ",".join(splits), "--protocol", protocol.value]
-        args += ["--resolution", chosen.resolution, "--precision", "inclusive" if chosen.inclusive else "strict"]
-        optional = {
-            "--threshold": threshold, "--tokenizer": tokenizer, "--device": device if gpus == 1 else "cuda",
-            "--batch-size": batch_size, "--workers": workers, "--json": json_path, "--save-masks": save_masks, "--plot": plot,
-        }  # fmt: skip
-        for flag, value in optional.items():
-            if value is not None:
-                args += [flag, str(value)]
-        if nproc > 1 and device is None:
-            args += ["--device", "cpu"]
-        _relaunch(processes, args)
+        check_eval_inputs(checkpoint, data, splits, tokenizer=tokenizer)
+        args = ["--checkpoint", checkpoint, "--data", data, "--split", ",".join(splits), "--resolution", chosen.resolution,
+                "--precision", "inclusive" if chosen.inclusive else "strict", "--device", "cuda" if gpus > 1 else device or "cpu"]  # fmt: skip
+        optional = {"--threshold": chosen.threshold, "--tokenizer": tokenizer, "--batch-size": batch_size, "--workers": workers,
+                    "--json": json_path, "--save-masks": save_masks, "--plot": plot}  # fmt: skip
+        args += [item for flag, value in optional.items() if value is not None for item in (flag, value)]
+        _relaunch(processes, [str(a) for a in args])
 
     is_main = int(os.environ.get("RANK", 0)) == 0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

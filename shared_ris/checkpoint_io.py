@@ -38,13 +38,15 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:160]
 
 
-def read_trained(path: str | Path) -> TrainedCheckpoint:
-    """Read and validate a checkpoint written by ``sris train`` (``weights_only``, on the CPU)."""
+def read_trained(path: str | Path, mmap: bool = False) -> TrainedCheckpoint:
+    """Read and validate a checkpoint written by ``sris train`` (``weights_only``, on the CPU).
+
+    ``mmap=True`` maps the tensors instead of reading them: a cheap check of a large file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file; pass a run's best.pt or last.pt (written by sris train)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # not a torch file, truncated, or pickled non-tensor objects
         raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({_first_line(exc)})") from None
     if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("recipe"), dict)):
@@ -126,6 +128,18 @@ def load_tokenizer(path: str | Path, recipe: Recipe) -> Tokenizer:
     return tokenizer
 
 
+def _checkpoint_and_tokenizer(checkpoint, tokenizer, data_dir, mmap: bool) -> tuple[TrainedCheckpoint, Tokenizer]:
+    trained = read_trained(checkpoint, mmap=mmap)
+    recorded = trained.meta.get("tokenizer_path")
+    tokenizer_path = find_tokenizer(checkpoint, tokenizer, recorded=recorded if isinstance(recorded, str) else None, data_dir=data_dir)
+    return trained, load_tokenizer(tokenizer_path, trained.recipe)
+
+
+def check_run(checkpoint: str | Path, tokenizer: str | Path | None = None, *, data_dir: str | Path | None = None) -> Recipe:
+    """Every check :func:`load_run` makes, without reading the weights (for a launcher's preflight)."""
+    return _checkpoint_and_tokenizer(checkpoint, tokenizer, data_dir, mmap=True)[0].recipe
+
+
 def load_run(
     checkpoint: str | Path,
     tokenizer: str | Path | None = None,
@@ -138,8 +152,5 @@ def load_run(
     The tokenizer is resolved (:func:`find_tokenizer`) before the weights are built, so a missing
     tokenizer fails fast.
     """
-    trained = read_trained(checkpoint)
-    recorded = trained.meta.get("tokenizer_path")
-    tokenizer_path = find_tokenizer(checkpoint, tokenizer, recorded=recorded if isinstance(recorded, str) else None, data_dir=data_dir)
-    text_tokenizer = load_tokenizer(tokenizer_path, trained.recipe)
+    trained, text_tokenizer = _checkpoint_and_tokenizer(checkpoint, tokenizer, data_dir, mmap=False)
     return model_from_checkpoint(trained, device), trained.recipe, text_tokenizer

@@ -262,3 +262,16 @@ def evaluate_run(
         "protocol": {**resolved.to_dict(), "image_size": recipe.model.image_size, "description": resolved.describe(recipe.model.image_size)},
         "splits": results,
     }
+
+
+def check_eval_inputs(checkpoint: str | Path, data_dir: str | Path, splits: str | Iterable[str], *, tokenizer: str | Path | None = None) -> None:
+    """The checks :func:`evaluate_run` would fail on first (checkpoint, tokenizer, every split), without
+    loading the weights: a launcher calls it so that a bad path fails once, not on every rank."""
+    from .checkpoint_io import check_run
+    from .data.manifest import read_manifest, split_info
+
+    names = parse_splits(splits)
+    check_run(checkpoint, tokenizer, data_dir=data_dir)
+    manifest = read_manifest(data_dir)
+    for split in names:
+        split_info(manifest, split, data_dir)

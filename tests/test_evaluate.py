@@ -142,6 +142,10 @@ def test_cli_user_errors(tmp_path, run, data_dir):
     assert result.exit_code == 2 and "no such checkpoint file" in result.output
     result = runner.invoke(app, ["eval", "-c", str(run), "-d", str(data_dir), "--gpus", "2", "--nproc", "2"])
     assert result.exit_code == 2 and "not both" in result.output
+    # the launcher checks before starting any rank: one line, not one per rank
+    result = runner.invoke(app, ["eval", "-c", str(run), "-d", str(data_dir), "-s", "val,testZ", "--nproc", "2"])
+    assert result.exit_code == 2 and "no samples for split 'testZ'" in result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
