@@ -38,15 +38,16 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:160]
 
 
-def read_trained(path: str | Path, mmap: bool = False) -> TrainedCheckpoint:
+def read_trained(path: str | Path) -> TrainedCheckpoint:
     """Read and validate a checkpoint written by ``sris train`` (``weights_only``, on the CPU).
 
-    ``mmap=True`` maps the tensors instead of reading them: a cheap check of a large file."""
+    The file is memory-mapped: tensors are read when used, so the optimizer state that ``last.pt``
+    also holds is never loaded, and checking a checkpoint costs almost nothing."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file; pass a run's best.pt or last.pt (written by sris train)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # not a torch file, truncated, or pickled non-tensor objects
         raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({_first_line(exc)})") from None
     if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("recipe"), dict)):
@@ -68,8 +69,12 @@ def read_trained(path: str | Path, mmap: bool = False) -> TrainedCheckpoint:
 
 
 def model_from_checkpoint(checkpoint: TrainedCheckpoint, device: str | torch.device = "cpu") -> SharedRIS:
-    """Build the recipe's model, load the weights strictly and return it in eval mode on ``device``."""
-    model = build_model(checkpoint.recipe)
+    """Build the recipe's model, load the weights strictly and return it in eval mode on ``device``.
+
+    The model is built on the meta device and takes the checkpoint's tensors as they are, so no
+    time goes into a random initialisation that would be overwritten."""
+    with torch.device("meta"):
+        model = build_model(checkpoint.recipe)
     expected = model.state_dict()
     missing = [k for k in expected if k not in checkpoint.state_dict]
     unexpected = [k for k in checkpoint.state_dict if k not in expected]
@@ -81,7 +86,7 @@ def model_from_checkpoint(checkpoint: TrainedCheckpoint, device: str | torch.dev
     for key, value in checkpoint.state_dict.items():
         if value.shape != expected[key].shape:
             raise CheckpointError(f"{where}: shape mismatch for {key}: checkpoint {list(value.shape)} vs model {list(expected[key].shape)}")
-    model.load_state_dict(checkpoint.state_dict)
+    model.load_state_dict(checkpoint.state_dict, assign=True)
     return model.to(device).eval()
 
 
@@ -128,16 +133,16 @@ def load_tokenizer(path: str | Path, recipe: Recipe) -> Tokenizer:
     return tokenizer
 
 
-def _checkpoint_and_tokenizer(checkpoint, tokenizer, data_dir, mmap: bool) -> tuple[TrainedCheckpoint, Tokenizer]:
-    trained = read_trained(checkpoint, mmap=mmap)
+def _checkpoint_and_tokenizer(checkpoint, tokenizer, data_dir) -> tuple[TrainedCheckpoint, Tokenizer]:
+    trained = read_trained(checkpoint)
     recorded = trained.meta.get("tokenizer_path")
     tokenizer_path = find_tokenizer(checkpoint, tokenizer, recorded=recorded if isinstance(recorded, str) else None, data_dir=data_dir)
     return trained, load_tokenizer(tokenizer_path, trained.recipe)
 
 
 def check_run(checkpoint: str | Path, tokenizer: str | Path | None = None, *, data_dir: str | Path | None = None) -> Recipe:
-    """Every check :func:`load_run` makes, without reading the weights (for a launcher's preflight)."""
-    return _checkpoint_and_tokenizer(checkpoint, tokenizer, data_dir, mmap=True)[0].recipe
+    """Every check :func:`load_run` makes before building the model (for a launcher's preflight)."""
+    return _checkpoint_and_tokenizer(checkpoint, tokenizer, data_dir)[0].recipe
 
 
 def load_run(
@@ -152,5 +157,5 @@ def load_run(
     The tokenizer is resolved (:func:`find_tokenizer`) before the weights are built, so a missing
     tokenizer fails fast.
     """
-    trained, text_tokenizer = _checkpoint_and_tokenizer(checkpoint, tokenizer, data_dir, mmap=False)
+    trained, text_tokenizer = _checkpoint_and_tokenizer(checkpoint, tokenizer, data_dir)
     return model_from_checkpoint(trained, device), trained.recipe, text_tokenizer
