@@ -27,7 +27,7 @@ from ..tokenizer import Tokenizer
 from .errors import DataError
 from .manifest import read_manifest, resolve, split_info
 from .streams import batched, eval_units, make_units, read_units, train_units
-from .transforms import image_to_tensor, load_image, load_mask, mask_to_tensor
+from .transforms import image_pixels, image_to_tensor, load_image, load_mask, mask_pixels, normalize_
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 
@@ -55,13 +55,10 @@ def _image_bytes(sample: dict) -> bytes:
     raise DataError(f"{sample.get('__url__', '?')}: sample {sample['__key__']} holds no image ({', '.join(k for k in sample if not k.startswith('__'))})")
 
 
-def _decode(sample: dict, size: int) -> tuple[torch.Tensor, object]:
-    """(normalised image (3, S, S), mask as (H, W) uint8 {0,1} array) of a raw sample.
-
-    EXIF orientation is not applied: COCO masks are drawn on the stored pixel grid.
-    """
-    image = load_image(_image_bytes(sample), exif_transpose=False)
-    return image_to_tensor(image, size), load_mask(sample["mask.png"])
+def _image(sample: dict):
+    """The sample's image as RGB. EXIF orientation is not applied: COCO masks are drawn on the
+    stored pixel grid, which ignores it."""
+    return load_image(_image_bytes(sample), exif_transpose=False)
 
 
 class _TrainStream(torch.utils.data.IterableDataset):
@@ -85,19 +82,27 @@ class _TrainStream(torch.utils.data.IterableDataset):
             yield self._collate(batch)
 
     def _collate(self, batch: list[tuple[dict, str]]) -> dict:
-        images, masks = [], []
-        for sample, _ in batch:
-            image, mask = _decode(sample, self.s.image_size)
-            images.append(image)
-            masks.append(mask_to_tensor(mask, self.s.image_size))
+        size = self.s.image_size
+        images = _batch_tensor((len(batch), 3, size, size), torch.float32)
+        masks = _batch_tensor((len(batch), 1, size, size), torch.float32)
+        for i, (sample, _) in enumerate(batch):
+            images[i].copy_(image_pixels(_image(sample), size))  # uint8 → float while copying
+            masks[i, 0].copy_(mask_pixels(sample["mask.png"], size))
         ids, padding = self.tokenizer([text for _, text in batch], pad_to=self.s.text_len)
         return {
-            "images": torch.stack(images),
+            "images": normalize_(images),
             "text_ids": ids,
             "text_padding_mask": padding,
-            "masks": torch.stack(masks),
+            "masks": masks,
             "keys": [sample["__key__"] for sample, _ in batch],
         }
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A batch tensor; in a worker process it is born in shared memory, so handing it to the main
+    process copies nothing (what PyTorch's default collate does for the same reason)."""
+    tensor = torch.empty(shape, dtype=dtype)
+    return tensor.share_memory_() if torch.utils.data.get_worker_info() is not None else tensor
 
 
 def _pick_sentences(samples, rng: random.Random, field: str) -> Iterator[tuple[dict, str]]:
@@ -153,8 +158,9 @@ class _EvalStream(torch.utils.data.IterableDataset):
         items = self._sentences(read_units(eval_units(s.urls, reader, readers)))
         for batch in batched(items, s.batch_size):
             ids, padding = self.tokenizer([item["text"] for item in batch], pad_to=s.text_len)
+            images = _batch_tensor((len(batch), 3, s.image_size, s.image_size), torch.float32)
             yield {
-                "images": torch.stack([item["image"] for item in batch]),
+                "images": torch.stack([item["image"] for item in batch], out=images),
                 "text_ids": ids,
                 "text_padding_mask": padding,
                 "orig_masks": [item["mask"] for item in batch],
@@ -165,8 +171,8 @@ class _EvalStream(torch.utils.data.IterableDataset):
 
     def _sentences(self, samples) -> Iterator[dict]:
         for sample in samples:
-            image, mask = _decode(sample, self.s.image_size)
-            mask = torch.from_numpy(mask)
+            image = image_to_tensor(_image(sample), self.s.image_size)
+            mask = torch.from_numpy(load_mask(sample["mask.png"]))
             for sentence in json.loads(sample["json"])["sentences"]:
                 yield {"image": image, "mask": mask, "key": sample["__key__"], "sent_id": sentence["sent_id"], "text": sentence[self.s.text_field]}
 

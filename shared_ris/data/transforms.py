@@ -39,7 +39,7 @@ def load_image(source: bytes | str | Path | BinaryIO | Image.Image, exif_transpo
         image = image.convert("RGBA")
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image)
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def resize_image(image: Image.Image, size: int) -> Image.Image:
@@ -47,23 +47,19 @@ def resize_image(image: Image.Image, size: int) -> Image.Image:
     return image if image.size == (size, size) else image.resize((size, size), Image.BICUBIC)
 
 
-def image_to_uint8(image: Image.Image, size: int) -> torch.Tensor:
-    """RGB PIL image → resized (3, size, size) uint8 tensor; :func:`normalize` finishes the job.
-
-    Kept separate so loader workers ship 1-byte pixels between processes and normalise whole batches.
-    """
-    array = np.asarray(resize_image(image, size), dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+def image_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """RGB PIL image → bicubic-resized (3, size, size) uint8 tensor (pass it to :func:`normalize_`)."""
+    return torch.from_numpy(np.array(resize_image(image, size), dtype=np.uint8)).permute(2, 0, 1)
 
 
-def normalize(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels (..., 3, H, W) → float32 with mean = std = 0.5, i.e. values in [-1, 1]."""
-    return pixels.to(torch.float32).div_(255.0 * STD).sub_(MEAN / STD)
+def normalize_(pixels: torch.Tensor) -> torch.Tensor:
+    """Float pixels in [0, 255] → mean = std = 0.5 normalised, i.e. [-1, 1], in place."""
+    return pixels.mul_(1.0 / (255.0 * STD)).sub_(MEAN / STD)
 
 
 def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
     """RGB PIL image → (3, size, size) float32, bicubic-resized, normalised with mean = std = 0.5."""
-    return normalize(image_to_uint8(image, size))
+    return normalize_(image_pixels(image, size).to(dtype=torch.float32, memory_format=torch.contiguous_format))
 
 
 def load_mask(source: bytes | str | Path | BinaryIO) -> np.ndarray:
@@ -75,10 +71,18 @@ def load_mask(source: bytes | str | Path | BinaryIO) -> np.ndarray:
 def mask_to_tensor(mask: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
     """(H, W) binary mask → (1, size, size) float32 in {0, 1}, nearest-neighbour resized."""
     array = mask.numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-    image = Image.fromarray((array > 0).astype(np.uint8))
+    return mask_pixels(Image.fromarray((array > 0).astype(np.uint8)), size).to(torch.float32)[None]
+
+
+def mask_pixels(mask: bytes | Image.Image, size: int) -> torch.Tensor:
+    """A stored mask (PNG bytes or a PIL image, any value > 0 is foreground) → (size, size) uint8 in
+    {0, 1}, nearest-neighbour resized without a detour through a full-size array."""
+    image = Image.open(io.BytesIO(mask)) if isinstance(mask, bytes) else mask
+    if image.mode not in ("L", "1"):
+        image = image.convert("L")
     if image.size != (size, size):
         image = image.resize((size, size), Image.NEAREST)
-    return torch.from_numpy(np.asarray(image, dtype=np.float32).copy())[None]
+    return torch.from_numpy(np.array(image, dtype=np.uint8) > 0).to(torch.uint8)
 
 
 def encode_mask_png(mask: np.ndarray) -> bytes:
