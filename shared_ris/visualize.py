@@ -47,6 +47,10 @@ def overlay_attention(image: Image.Image, attention: np.ndarray, alpha: float = 
     return Image.blend(image.convert("RGB"), heat, alpha)
 
 
+# Pillow's built-in font has no glyphs for these; the chart spells them in ASCII.
+_ASCII = str.maketrans({"σ": "p", "≥": ">=", "×": "x", "–": "-", "τ": "tau"})
+
+
 def _font(size: int) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
@@ -76,21 +80,21 @@ def plot_iou_by_size(
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     font, small = _font(16), _font(12)
-    draw.text((width // 2, 12), title, fill="black", font=font, anchor="mt")
+    draw.text((width // 2, 12), title.translate(_ASCII), fill="black", font=font, anchor="mt")
     if subtitle:
-        draw.text((width // 2, 36), subtitle, fill=(90, 90, 90), font=small, anchor="mt")
+        draw.text((width // 2, 36), subtitle.translate(_ASCII), fill=(90, 90, 90), font=small, anchor="mt")
     for pct in range(0, 101, 20):
         y = top + plot_h - pct / 100 * plot_h
         draw.line([(left, y), (left + plot_w, y)], fill=(225, 225, 225))
         draw.text((left - 8, y), f"{pct}", fill="black", font=small, anchor="rm")
-    draw.text((16, top + plot_h // 2), f"{metric} (%)", fill="black", font=small, anchor="lm")
+    draw.text((left, top - 8), f"{metric} (%)", fill="black", font=small, anchor="rb")
     splits = list(by_size)
     bins = list(by_size[splits[0]]) if splits else []
     group_w = plot_w / max(len(bins), 1)
     bar_w = group_w * 0.8 / max(len(splits), 1)
     for b, row in enumerate(bins):
         x0 = left + b * group_w + group_w * 0.1
-        label = f"{row['lo'] * 100:g}–{row['hi'] * 100:g}%"
+        label = f"{row['lo'] * 100:g}-{row['hi'] * 100:g}%"
         draw.text((left + (b + 0.5) * group_w, top + plot_h + 8), label, fill="black", font=small, anchor="mt")
         for s, split in enumerate(splits):
             cell = by_size[split][b]
