@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -322,6 +323,9 @@ def test_changed_settings_need_overwrite(fixture, refcoco, tmp_path):
     prepare_refer("refcoco", fixture.refer_root, fixture.images_dir, tmp_path, shard_size=2, workers=1)
     with pytest.raises(DataError, match="other settings .*shard_size.*--overwrite"):
         prepare_refer("refcoco", fixture.refer_root, fixture.images_dir, tmp_path, shard_size=3, workers=1)
+    elsewhere = shutil.copytree(fixture.images_dir, tmp_path / "images-copy")
+    with pytest.raises(DataError, match="other settings .*sources"):
+        prepare_refer("refcoco", fixture.refer_root, elsewhere, tmp_path, shard_size=2, workers=1)
     manifest = prepare_refer("refcoco", fixture.refer_root, fixture.images_dir, tmp_path, shard_size=3, workers=1, overwrite=True)
     listed = {n for s in manifest["splits"].values() for n in s["shards"]}
     on_disk = {p.name for p in tmp_path.glob("*.tar")}

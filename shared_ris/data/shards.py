@@ -113,7 +113,10 @@ def write_shard(out_dir: str, job: ShardJob, make_sample: SampleMaker, strict: b
 
 
 def _resume_state(out: Path, jobs: list[ShardJob], config: dict, overwrite: bool) -> dict[str, dict]:
-    """Finished shards to keep; removes leftovers of interrupted or overwritten runs."""
+    """Finished shards to keep; removes leftovers of interrupted or overwritten runs.
+
+    ``config`` (settings and sources) must equal the previous run's, or the folder needs ``overwrite``.
+    """
     path = out / MANIFEST
     previous = load_manifest_file(path) if path.is_file() else {}
     names = {job.name for job in jobs}
@@ -127,8 +130,8 @@ def _resume_state(out: Path, jobs: list[ShardJob], config: dict, overwrite: bool
         return {}
     if not previous:
         return {}
-    if previous.get("config") != config:
-        old = previous.get("config", {})
+    old = {**previous.get("config", {}), "sources": previous.get("sources")}
+    if old != config:
         diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff[:3])
         raise DataError(f"{path}: this folder was prepared with other settings ({detail}); pass --overwrite to rebuild it or choose another --out")
@@ -149,12 +152,12 @@ def write_all(
 ) -> dict[str, dict]:
     """Write every unfinished shard; return the statistics of all shards by name.
 
-    ``header`` is the manifest's identity (``tool``, ``version``, ``dataset``, ``config``, ...): the
-    in-progress manifest carries it, and a re-run resumes only if ``header["config"]`` matches.
+    ``header`` is the manifest's identity (``tool``, ``version``, ``dataset``, ``config``, ``sources``):
+    the in-progress manifest carries it, and a re-run resumes only if config and sources match.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    done = _resume_state(out, jobs, header["config"], overwrite)
+    done = _resume_state(out, jobs, {**header["config"], "sources": header["sources"]}, overwrite)
     todo = [job for job in jobs if job.name not in done]
     total = sum(len(job.items) for job in todo)
 
