@@ -8,7 +8,7 @@ original image size with P@X counting IoU > X; LAVT scores at the 480×480 input
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -62,9 +62,11 @@ class Protocol:
     def describe(self, image_size: int | None = None) -> str:
         """One line to print under every table, e.g.
         ``protocol: masks at original size, σ>0.35, P@X: IoU > X, per expression``."""
-        where = "original size" if self.resolution == "original" else (
-            f"{image_size}×{image_size} input size" if image_size else "input size"
-        ) + " (ground truth resized, nearest)"
+        if self.resolution == "original":
+            where = "original size"
+        else:
+            side = f"{image_size}×{image_size} " if image_size else ""
+            where = f"{side}input size (ground truth resized, nearest)"
         tau = "recipe τ" if self.threshold is None else f"{self.threshold:g}"
         return f"protocol: masks at {where}, σ>{tau}, P@X: IoU {'≥' if self.inclusive else '>'} X, per expression"
 
@@ -86,12 +88,8 @@ def resolve_protocol(
     """A preset from :data:`PROTOCOLS` with any explicitly given choice overriding it."""
     if preset not in PROTOCOLS:
         raise SharedRISError(f"unknown protocol {preset!r}; choose one of {', '.join(PROTOCOLS)}")
-    base = PROTOCOLS[preset]
-    return Protocol(
-        resolution=base.resolution if resolution is None else resolution,
-        threshold=base.threshold if threshold is None else threshold,
-        inclusive=base.inclusive if inclusive is None else inclusive,
-    )
+    given = {"resolution": resolution, "threshold": threshold, "inclusive": inclusive}
+    return replace(PROTOCOLS[preset], **{k: v for k, v in given.items() if v is not None})
 
 
 def _autocast(device: torch.device, amp: str):
