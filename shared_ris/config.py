@@ -95,6 +95,7 @@ class TrainConfig:
     warmup_steps: int = 0
     layer_decay: float = 1.0  # 1.0 = off; <1 scales encoder lr by decay**(depth - layer)
     grad_clip: float = 1.0
+    sync_bn: bool = True  # batch-norm statistics over all processes (2×b trains like 1×2b)
     amp: str = "bf16"  # bf16 autocast on CUDA; ignored (fp32) on CPU
     eval_every: int = 1  # epochs
     log_every: int = 10  # steps
