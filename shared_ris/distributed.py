@@ -1,0 +1,153 @@
+"""Process-group set-up from torchrun's environment, tiny collectives, and the torchrun launcher.
+
+One process runs in place (no process group). Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set)
+each process joins a group: NCCL when it drives a GPU, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .errors import SharedRISError
+
+
+class LaunchError(SharedRISError):
+    """The requested processes cannot be started (e.g. more GPUs than the machine has)."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def under_torchrun() -> bool:
+    """True inside a process that torchrun (or an equivalent launcher) started."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def pick_device(local_rank: int, device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else this process's GPU, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def setup(device: str | torch.device | None = None) -> DistEnv:
+    """Read RANK / WORLD_SIZE / LOCAL_RANK and join the process group when there are several processes."""
+    if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return DistEnv(device=pick_device(0, device))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = pick_device(local_rank, device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return DistEnv(rank, world_size, local_rank, dev)
+
+
+def teardown(env: DistEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sum_across_ranks(values: list[float], env: DistEnv) -> list[float]:
+    """Element-wise sum of a few numbers over all processes (one collective)."""
+    if not env.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def gather_objects(obj, env: DistEnv) -> list:
+    """[obj of rank 0, obj of rank 1, …] on every rank."""
+    if not env.distributed:
+        return [obj]
+    out: list = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def check_gpus(gpus: int) -> None:
+    """One-line error when more GPUs are asked for than this machine has."""
+    present = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus > present:
+        raise LaunchError(f"--gpus {gpus} asked for but this machine has {present} GPU(s); use --nproc N for CPU processes")
+
+
+def torchrun_command(
+    nproc_per_node: int,
+    module_args: list[str],
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str = "127.0.0.1",
+    master_port: int = 29500,
+    module: str = "cli.main",
+    shutdown_timeout: int = 600,
+) -> list[str]:
+    """``python -m torch.distributed.run … -m MODULE ARGS``: the static-rendezvous torchrun line.
+
+    ``shutdown_timeout`` gives workers time to save ``last.pt`` after SIGTERM before SIGKILL.
+    """
+    return [
+        sys.executable, "-m", "torch.distributed.run",
+        f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
+        f"--master-addr={master_addr}", f"--master-port={master_port}",
+        f"--shutdown-timeout={shutdown_timeout}",
+        "-m", module, *module_args,
+    ]  # fmt: skip
+
+
+def launch(command: list[str], nproc_per_node: int, stop_file: Path | None = None) -> int:
+    """Run ``command`` (a :func:`torchrun_command` line) and wait; forward SIGTERM / SIGINT to it.
+
+    torchrun passes the signal on to its workers, which save ``last.pt`` and exit. Returns the
+    child's exit status, or 0 when a stop signal was forwarded and ``stop_file`` (``last.pt``)
+    was written after it, i.e. the workers stopped cleanly as asked. CPU threads are split
+    between the node's processes unless OMP_NUM_THREADS is set.
+    """
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc_per_node))))
+    child = subprocess.Popen(command, env=env)
+    signalled_at: list[float] = []
+
+    def forward(signum, _frame):
+        signalled_at.append(time.time())
+        child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    saved = stop_file is not None and stop_file.is_file() and signalled_at and stop_file.stat().st_mtime >= signalled_at[0]
+    return 0 if saved else code
