@@ -6,6 +6,7 @@ from .evaluate import evaluate
 from .flops import flops
 from .predict import predict
 from .prepare import prepare_app
+from .train import train
 
 app = typer.Typer(
     name="sris",
@@ -32,6 +33,7 @@ def _root(
 app.command()(flops)
 app.command("eval")(evaluate)
 app.command()(predict)
+app.command()(train)
 app.add_typer(prepare_app, name="prepare")
 
 

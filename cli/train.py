@@ -1,0 +1,116 @@
+"""``sris train``: one process in place, or several through torchrun (which re-enters this command)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from shared_ris.config import load_recipe
+from shared_ris.distributed import check_gpus, launch, torchrun_command, under_torchrun
+from shared_ris.train import preflight
+from shared_ris.train import train as run_training
+
+from .common import RecipeOption, SetOption, console, user_errors
+
+
+class ProgressView:
+    """Rank 0's view of a run: a live bar on a terminal, plain log lines otherwise (SLURM logs)."""
+
+    def __init__(self) -> None:
+        self.live = console.is_terminal
+        self.bar = Progress(
+            TextColumn("[bold]train[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, disable=not self.live,
+        )  # fmt: skip
+        self.task = None
+        self.img_s = 0.0
+
+    def __enter__(self) -> "ProgressView":
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.__exit__(*exc)
+
+    def __call__(self, event: dict) -> None:
+        kind = event["event"]
+        if kind == "start":
+            self.task = self.bar.add_task("train", total=event["total_steps"], completed=event["step"], stats="")
+            self.bar.console.print(
+                f"{event['world_size']} process(es), {event['steps_per_epoch']} steps per epoch, "
+                f"{event['total_steps']} steps from step {event['step']}"
+            )
+        elif kind == "step":
+            self.img_s = event.get("img_s", self.img_s)
+            stats = f"loss {event['loss']:.4f}  lr {event['lr']:.2e}  {self.img_s:.1f} img/s"
+            self.bar.update(self.task, completed=event["step"], stats=stats)
+            if not self.live and "img_s" in event:
+                console.print(f"step {event['step']}/{event['total_steps']} epoch {event['epoch']}  {stats}", highlight=False, soft_wrap=True)
+        elif kind == "val":
+            figures = "  ".join(f"{k} {event[k]:.4f}" for k in ("oIoU", "mIoU", "P@0.5", "P@0.7", "P@0.9"))
+            self.bar.console.print(f"val (epoch {event['epoch']}, step {event['step']}, {event['n']} expressions): {figures}", highlight=False, soft_wrap=True)
+        elif kind == "message":
+            self.bar.console.print(event["text"], highlight=False, soft_wrap=True)
+
+
+@user_errors
+def train(
+    data: Path = typer.Option(..., "--data", "-d", help="Prepared data folder (sris prepare)."),
+    recipe: str = RecipeOption,
+    out: Path = typer.Option(None, "--out", "-o", help="Run folder [default: runs/RECIPE]."),
+    gpus: int = typer.Option(None, "--gpus", help="GPUs on this node, one process each; more than 1 launches torchrun."),
+    nproc: int = typer.Option(None, "--nproc", help="CPU processes over gloo (machines without GPUs, tests)."),
+    nnodes: int = typer.Option(1, "--nnodes", help="Nodes in the job (multi-node: run this command on every node)."),
+    node_rank: int = typer.Option(0, "--node-rank", help="This node's rank, 0 … nnodes-1."),
+    master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="Host name or IP of the node with rank 0."),
+    master_port: int = typer.Option(29500, "--master-port", help="A free TCP port on the rank-0 node."),
+    pretrained: Path = typer.Option(None, "--pretrained", help="Official BEiT-3 weights, e.g. beit3_base_patch16_224.pth."),
+    tokenizer: Path = typer.Option(None, "--tokenizer", help="beit3.spm [default: DATA/spm.model when present]."),
+    overrides: list[str] = SetOption,
+    resume: str = typer.Option(None, "--resume", help="'auto' (continue OUT/last.pt if present) or a checkpoint path."),
+    device: str = typer.Option(None, "--device", hidden=True, help="cpu or cuda; set for the workers torchrun starts."),
+) -> None:
+    """Train Shared-RIS; SIGTERM / Ctrl-C save last.pt and exit 0 (continue with --resume auto)."""
+    overrides = overrides or []
+    resolved = load_recipe(recipe, overrides)
+    out = out or Path("runs") / resolved.name
+    if gpus is not None and nproc is not None:
+        raise typer.BadParameter("give --gpus or --nproc, not both")
+    device = device or ("cpu" if nproc is not None else None)
+    if under_torchrun():  # a worker that torchrun started: train in place
+        return _run(resolved, data, out, pretrained, tokenizer, resume, device)
+
+    per_node = gpus or nproc or 1
+    if gpus is not None:
+        check_gpus(gpus)
+    preflight(resolved, data, pretrained=pretrained, tokenizer_path=tokenizer, resume=resume, world_size=per_node * nnodes, out_dir=out)
+    if per_node * nnodes == 1:
+        return _run(resolved, data, out, pretrained, tokenizer, resume, device)
+
+    args = ["train", "--data", str(data), "--recipe", recipe, "--out", str(out)]
+    args += ["--device", device] if device else []  # not --nproc: torchrun's parser takes it for --nproc-per-node
+    for flag, value in (("--pretrained", pretrained), ("--tokenizer", tokenizer), ("--resume", resume)):
+        args += [flag, str(value)] if value is not None else []
+    for override in overrides:
+        args += ["--set", override]
+    command = torchrun_command(per_node, args, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port)
+    code = launch(command, per_node, stop_file=out / "last.pt")
+    if code:
+        raise typer.Exit(code)
+
+
+def _run(recipe, data, out, pretrained, tokenizer, resume, device) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # other ranks stay quiet
+        run_training(recipe, data, out, pretrained=pretrained, tokenizer_path=tokenizer, resume=resume, device=device)
+        return
+    with ProgressView() as view:
+        summary = run_training(
+            recipe, data, out, pretrained=pretrained, tokenizer_path=tokenizer, resume=resume, device=device, progress=view
+        )
+    if summary["stopped"]:
+        console.print(f"stopped at step {summary['step']}; saved {out / 'last.pt'} (continue with --resume auto)")
+    else:
+        console.print(f"done: {summary['step']} steps in {summary['wall_s'] / 60:.1f} min, best val oIoU {summary['best_oiou']:.4f}; run in {out}")
