@@ -4,8 +4,9 @@ Training stream, for reader g = rank·W + v of G = world_size·W (W = worker cou
 shard units in a (seed, epoch)-fixed order dealt round-robin → shuffle buffer seeded by (seed,
 epoch, g, G) → one sentence per ref from a seeded generator → batches → decode, resize, tokenise.
 Batch i of the epoch is batch i // W of virtual worker i % W, which is what PyTorch's DataLoader
-hands out in turn; so the stream is a pure function of (seed, epoch, rank, world_size, W), and
-``start_step=k`` lets each worker skip its share of the first k batches before decoding anything.
+hands out in turn; so the stream is a pure function of (seed, epoch, rank, world_size, W),
+``start_step=k`` lets each worker skip its share of the first k batches before decoding anything,
+and each worker stops after its share of the epoch (no batch is decoded in vain).
 
 Evaluation: each reader takes its units once (see :mod:`.streams`) and yields every sentence.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +64,9 @@ def _image(sample: dict):
 
 
 class _TrainStream(torch.utils.data.IterableDataset):
-    def __init__(self, settings: StreamSettings, tokenizer: Tokenizer, epoch: int, start_step: int) -> None:
+    def __init__(self, settings: StreamSettings, tokenizer: Tokenizer, epoch: int, start_step: int, steps: int) -> None:
         super().__init__()
-        self.s, self.tokenizer, self.epoch, self.start_step = settings, tokenizer, epoch, start_step
+        self.s, self.tokenizer, self.epoch, self.start_step, self.steps = settings, tokenizer, epoch, start_step, steps
 
     def __iter__(self) -> Iterator[dict]:
         s = self.s
@@ -72,13 +74,14 @@ class _TrainStream(torch.utils.data.IterableDataset):
         slot = info.id if info else 0
         virtual = (self.start_step + slot) % s.workers
         skip = (self.start_step + slot) // s.workers  # this virtual worker's batches before start_step
+        count = len(range(self.start_step + slot, self.steps, s.workers))  # and its batches from there on
         reader, readers = s.rank * s.workers + virtual, s.world_size * s.workers
         name = f"{s.seed}:{self.epoch}:{reader}:{readers}"
         units = train_units(s.urls, reader, readers, s.seed, self.epoch)
         samples = read_units(units, max_empty=10 * len(make_units(s.urls, readers)) + 10)
         samples = wds.shuffle(s.shuffle_buffer, s.shuffle_buffer, rng=random.Random(f"buffer:{name}"))(samples)
         chosen = _pick_sentences(samples, random.Random(f"sentences:{name}"), s.text_field)
-        for batch in itertools.islice(batched(chosen, s.batch_size), skip, None):
+        for batch in itertools.islice(batched(chosen, s.batch_size), skip, skip + count):
             yield self._collate(batch)
 
     def _collate(self, batch: list[tuple[dict, str]]) -> dict:
@@ -86,11 +89,11 @@ class _TrainStream(torch.utils.data.IterableDataset):
         images = _batch_tensor((len(batch), 3, size, size), torch.float32)
         masks = _batch_tensor((len(batch), 1, size, size), torch.float32)
         for i, (sample, _) in enumerate(batch):
-            images[i].copy_(image_pixels(_image(sample), size))  # uint8 → float while copying
+            normalize_(images[i].copy_(image_pixels(_image(sample), size)))  # uint8 → float while copying
             masks[i, 0].copy_(mask_pixels(sample["mask.png"], size))
         ids, padding = self.tokenizer([text for _, text in batch], pad_to=self.s.text_len)
         return {
-            "images": normalize_(images),
+            "images": images,
             "text_ids": ids,
             "text_padding_mask": padding,
             "masks": masks,
@@ -101,8 +104,10 @@ class _TrainStream(torch.utils.data.IterableDataset):
 def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A batch tensor; in a worker process it is born in shared memory, so handing it to the main
     process copies nothing (what PyTorch's default collate does for the same reason)."""
-    tensor = torch.empty(shape, dtype=dtype)
-    return tensor.share_memory_() if torch.utils.data.get_worker_info() is not None else tensor
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    empty = torch.empty(0, dtype=dtype)  # the same calls as torch.utils.data's collate_tensor_fn
+    return empty.new(empty._typed_storage()._new_shared(math.prod(shape))).resize_(*shape)
 
 
 def _pick_sentences(samples, rng: random.Random, field: str) -> Iterator[tuple[dict, str]]:
@@ -134,16 +139,10 @@ class TrainLoader:
         return self.steps_per_epoch
 
     def __iter__(self) -> Iterator[dict]:
-        remaining = self.steps_per_epoch - self.start_step
-        if remaining <= 0:
-            return
-        stream = _TrainStream(self.settings, self.tokenizer, self.epoch, self.start_step)
-        batches = iter(_data_loader(stream, self.num_workers))
-        try:
-            for _ in range(remaining):
-                yield next(batches)
-        finally:
-            del batches  # shuts the workers down; the stream itself never ends
+        if self.start_step >= self.steps_per_epoch:
+            return iter(())
+        stream = _TrainStream(self.settings, self.tokenizer, self.epoch, self.start_step, self.steps_per_epoch)
+        return iter(_data_loader(stream, self.num_workers))  # each worker stops after its share
 
 
 class _EvalStream(torch.utils.data.IterableDataset):
