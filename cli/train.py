@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from shared_ris.config import load_recipe
-from shared_ris.distributed import check_gpus, launch, torchrun_command, under_torchrun
+from shared_ris.distributed import check_gpus, free_port, launch, torchrun_command, under_torchrun
 from shared_ris.train import preflight
 from shared_ris.train import train as run_training
 
@@ -66,7 +66,7 @@ def train(
     nnodes: int = typer.Option(1, "--nnodes", help="Nodes in the job (multi-node: run this command on every node)."),
     node_rank: int = typer.Option(0, "--node-rank", help="This node's rank, 0 … nnodes-1."),
     master_addr: str = typer.Option("127.0.0.1", "--master-addr", help="Host name or IP of the node with rank 0."),
-    master_port: int = typer.Option(29500, "--master-port", help="A free TCP port on the rank-0 node."),
+    master_port: int = typer.Option(None, "--master-port", help="A free TCP port on the rank-0 node [default: any free port on one node, 29500 on several]."),
     pretrained: Path = typer.Option(None, "--pretrained", help="Official BEiT-3 weights, e.g. beit3_base_patch16_224.pth."),
     tokenizer: Path = typer.Option(None, "--tokenizer", help="beit3.spm [default: DATA/spm.model when present]."),
     overrides: list[str] = SetOption,
@@ -79,7 +79,7 @@ def train(
     out = out or Path("runs") / resolved.name
     if gpus is not None and nproc is not None:
         raise typer.BadParameter("give --gpus or --nproc, not both")
-    device = device or ("cpu" if nproc is not None else None)
+    device = device or ("cpu" if nproc is not None or gpus == 0 else None)
     if under_torchrun():  # a worker that torchrun started: train in place
         return _run(resolved, data, out, pretrained, tokenizer, resume, device)
 
@@ -96,7 +96,8 @@ def train(
         args += [flag, str(value)] if value is not None else []
     for override in overrides:
         args += ["--set", override]
-    command = torchrun_command(per_node, args, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port)
+    port = master_port or (free_port() if nnodes == 1 else 29500)
+    command = torchrun_command(per_node, args, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=port)
     code = launch(command, per_node, stop_file=out / "last.pt")
     if code:
         raise typer.Exit(code)

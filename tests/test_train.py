@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import socket
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import torch.multiprocessing as mp
 
 from shared_ris import build_model, load_recipe
 from shared_ris.config import TrainConfig, recipe_from_dict
-from shared_ris.distributed import DistEnv, setup, teardown
+from shared_ris.distributed import DistEnv, free_port, setup, teardown
 from shared_ris.optim import build_optimizer, lr_at, param_groups
 from shared_ris.train import NonFiniteLossError, train_loop
 from shared_ris.train_state import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -145,12 +144,6 @@ def test_not_a_training_checkpoint_is_one_line(tmp_path):
 
 
 # -- DDP: 2 processes × batch b ≡ 1 process × batch 2b --------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ddp_worker(rank, world_size, port, recipe_dict, out_dir):

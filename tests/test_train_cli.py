@@ -16,7 +16,6 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from test_train import free_port
 from shared_ris import load_recipe
 from shared_ris.data import prepare_synthetic, read_manifest
 from shared_ris.train import train
@@ -117,7 +116,7 @@ def test_torchrun_two_cpu_processes_stop_on_sigterm_and_exit_0(data_dir, tmp_pat
     run = tmp_path / "run"
     command = [
         sys.executable, "-m", "cli.main", "train", "--data", str(data_dir), "--recipe", "tiny", "--out", str(run),
-        "--nproc", "2", "--master-port", str(free_port()), *(f"--set={o}" for o in SMALL), "--set", "train.batch_size=2",
+        "--nproc", "2", *(f"--set={o}" for o in SMALL), "--set", "train.batch_size=2",
         "--set", "train.epochs=1000",
     ]  # fmt: skip
     child = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
