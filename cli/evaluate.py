@@ -13,11 +13,11 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from shared_ris.evaluate import PROTOCOLS, check_eval_inputs, evaluate_run, parse_splits, resolve_protocol
+from shared_ris.evaluate import PROTOCOLS, RESOLUTIONS, check_eval_inputs, evaluate_run, parse_splits, resolve_protocol
 
 from .common import console, fail, user_errors
 
-Resolution = Enum("Resolution", {"original": "original", "input": "input"}, type=str)
+Resolution = Enum("Resolution", {name: name for name in RESOLUTIONS}, type=str)
 Comparison = Enum("Comparison", {"strict": "strict", "inclusive": "inclusive"}, type=str)
 Preset = Enum("Preset", {name: name for name in PROTOCOLS}, type=str)
 
