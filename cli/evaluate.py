@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -48,17 +47,11 @@ def render_split(split: str, figures: dict, protocol_line: str) -> None:
     console.print(protocol_line, style="dim", highlight=False, soft_wrap=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _relaunch(processes: int, args: list[str]) -> None:
     """Run this same ``sris eval`` on ``processes`` ranks under torchrun and exit with its status."""
-    from shared_ris.distributed import launch, torchrun_command
+    from shared_ris.distributed import free_port, launch, torchrun_command
 
-    code = launch(torchrun_command(processes, ["eval", *args], master_port=_free_port()), processes)
+    code = launch(torchrun_command(processes, ["eval", *args], master_port=free_port()), processes)
     raise typer.Exit(code)
 
 
