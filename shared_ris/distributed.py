@@ -119,17 +119,12 @@ def torchrun_command(
     master_addr: str = "127.0.0.1",
     master_port: int = 29500,
     module: str = "cli.main",
-    shutdown_timeout: int = 600,
 ) -> list[str]:
-    """``python -m torch.distributed.run … -m MODULE ARGS``: the static-rendezvous torchrun line.
-
-    ``shutdown_timeout`` gives workers time to save ``last.pt`` after SIGTERM before SIGKILL.
-    """
+    """``python -m torch.distributed.run … -m MODULE ARGS``: the static-rendezvous torchrun line."""
     return [
         sys.executable, "-m", "torch.distributed.run",
         f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}", f"--node-rank={node_rank}",
         f"--master-addr={master_addr}", f"--master-port={master_port}",
-        f"--shutdown-timeout={shutdown_timeout}",
         "-m", module, *module_args,
     ]  # fmt: skip
 
@@ -140,10 +135,12 @@ def launch(command: list[str], nproc_per_node: int, stop_file: Path | None = Non
     torchrun passes the signal on to its workers, which save ``last.pt`` and exit. Returns the
     child's exit status, or 0 when a stop signal was forwarded and ``stop_file`` (``last.pt``)
     was written after it, i.e. the workers stopped cleanly as asked. CPU threads are split
-    between the node's processes unless OMP_NUM_THREADS is set.
+    between the node's processes unless OMP_NUM_THREADS is set, and torchrun waits up to 600 s
+    (TORCH_ELASTIC_SHUTDOWN_TIMEOUT; its default is 30) for workers to save before killing them.
     """
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc_per_node))))
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
     child = subprocess.Popen(command, env=env)
     signalled_at: list[float] = []
 

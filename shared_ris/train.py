@@ -23,6 +23,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import Recipe
+from .data import build_eval_loader, build_train_loader, read_manifest
+from .data.manifest import is_remote, split_info
 from .distributed import DistEnv, gather_objects, setup, sum_across_ranks, teardown
 from .errors import SharedRISError
 from .evaluate import _autocast as autocast
@@ -61,8 +63,6 @@ class ShardData:
     """The prepared shards of ``data_dir`` through ``shared_ris.data``'s loaders."""
 
     def __init__(self, data_dir: str | Path, recipe: Recipe, tokenizer: Tokenizer, env: DistEnv) -> None:
-        from .data import build_eval_loader, build_train_loader
-
         self.loader = build_train_loader(data_dir, recipe, tokenizer, rank=env.rank, world_size=env.world_size)
         self.steps_per_epoch = len(self.loader)
         self._val = lambda: build_eval_loader(
@@ -97,9 +97,6 @@ def preflight(
 
     Returns the tokenizer. The CLI calls it before launching torchrun, so a bad path fails once.
     """
-    from .data import read_manifest
-    from .data.manifest import is_remote, split_info
-
     if not is_remote(data_dir) and not Path(data_dir).is_dir():
         raise TrainError(f"{data_dir}: data directory not found; run `sris prepare` first and pass its output as --data")
     manifest = read_manifest(data_dir)
