@@ -19,5 +19,15 @@ install: $(PY)
 test: install
 	$(PY) -m pytest -q
 
+# The whole toolkit offline: synthetic data -> tiny model -> scores -> masks on loose images.
+# Re-running resumes: prepare keeps finished shards, train continues from last.pt.
+demo: install
+	$(VENV)/bin/sris prepare synthetic --out $(DEMO)/data
+	$(VENV)/bin/sris train --recipe tiny --data $(DEMO)/data --out $(DEMO)/run --resume auto
+	$(VENV)/bin/sris eval --checkpoint $(DEMO)/run/best.pt --data $(DEMO)/data --split val,test --json $(DEMO)/eval.json --plot $(DEMO)/by_size.png
+	$(VENV)/bin/sris predict $(DEMO)/data/examples --prompts $(DEMO)/data/examples/prompts.jsonl \
+		--checkpoint $(DEMO)/run/best.pt --out $(DEMO)/predictions --attention
+	@echo "overlays, masks and attention maps: $(DEMO)/predictions/  scores: $(DEMO)/eval.json"
+
 clean:
 	rm -rf $(VENV) $(DEMO)

@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from shared_ris.data import prepare_combined, prepare_refer, prepare_synthetic
+from shared_ris.data import export_examples, prepare_combined, prepare_refer, prepare_synthetic
 
 from .common import console, user_errors
 
@@ -138,9 +138,13 @@ def synthetic(
     shard_size: int = ShardSize,
     workers: Optional[int] = Workers,
     overwrite: bool = Overwrite,
+    examples: int = typer.Option(8, "--examples", min=0, help="Also write this many loose images + prompts.jsonl to OUT/examples for sris predict."),
 ) -> None:
     """Referring shapes ("the leftmost red one") in the same shard format, plus spm.model for the tiny recipe."""
     _run(
         "synthetic", prepare_synthetic, out_dir=out, train=train, val=val, test=test, size=size, seed=seed,
         shard_size=shard_size, workers=workers, overwrite=overwrite,
     )
+    if examples:
+        folder = export_examples(out / "examples", examples, size=size, seed=seed)
+        console.print(f"wrote {examples} example images and prompts.jsonl to {folder}")

@@ -25,6 +25,8 @@ from .transforms import encode_mask_png
 
 DATASET = "synthetic"
 SPLITS = ("train", "val", "test")
+EXAMPLES = "examples"  # loose images for `sris predict`, drawn from a random stream of their own
+STREAMS = {**{split: i for i, split in enumerate(SPLITS)}, EXAMPLES: len(SPLITS)}
 COLOURS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 225), "yellow": (235, 205, 40)}
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": (0.085, 0.105), "large": (0.16, 0.2)}  # half-extent as a fraction of the image side
@@ -182,7 +184,7 @@ def make_scene(rng: np.random.Generator, size: int, attempts: int = 100):
 def make_synthetic_sample(item: dict) -> tuple[dict, list[dict]]:
     """One ref: image, visible mask of the target, 2-3 expressions that each select only it."""
     size = item["size"]
-    rng = np.random.default_rng([item["seed"], SPLITS.index(item["split"]), item["index"]])
+    rng = np.random.default_rng([item["seed"], STREAMS[item["split"]], item["index"]])
     while True:  # a scene where at least two different cue combinations single out the target
         image, objects, labels = make_scene(rng, size)
         found = expressions(objects, 0, size, rng)
@@ -277,3 +279,19 @@ def prepare_synthetic(
     )
     train_tokenizer(Path(out_dir) / "spm.model")
     return manifest
+
+
+def export_examples(out_dir: str | Path, count: int = 8, size: int = 128, seed: int = 0) -> Path:
+    """Write ``count`` fresh scenes (in no split) as ``NNN.jpg`` plus ``prompts.jsonl`` with one
+    expression per image, ready for ``sris predict DIR --prompts DIR/prompts.jsonl``. Returns DIR."""
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index in range(count):
+        item = {"split": EXAMPLES, "index": index, "ref_id": index, "image_id": index, "seed": seed, "size": size}
+        sample, _ = make_synthetic_sample(item)
+        name = f"{index:03d}.jpg"
+        (folder / name).write_bytes(sample["jpg"])
+        lines.append(json.dumps({"file": name, "text": json.loads(sample["json"])["sentences"][0]["sent"]}))
+    (folder / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
