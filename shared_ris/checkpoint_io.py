@@ -16,6 +16,7 @@ import torch
 from .config import Recipe, RecipeError, recipe_from_dict
 from .errors import SharedRISError
 from .model import CheckpointError, SharedRIS, build_model
+from .model.checkpoint import load_torch_file
 from .tokenizer import Tokenizer
 
 # Looked for next to a checkpoint when no tokenizer is given or recorded.
@@ -33,23 +34,13 @@ class TrainedCheckpoint:
     meta: dict[str, Any] = field(default_factory=dict)  # epoch, step, tokenizer_path, … (plain values)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:160]
-
-
 def read_trained(path: str | Path) -> TrainedCheckpoint:
     """Read and validate a checkpoint written by ``sris train`` (``weights_only``, on the CPU).
 
     The file is memory-mapped: tensors are read when used, so the optimizer state that ``last.pt``
     also holds is never loaded, and checking a checkpoint costs almost nothing."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file; pass a run's best.pt or last.pt (written by sris train)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # not a torch file, truncated, or pickled non-tensor objects
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({_first_line(exc)})") from None
+    obj = load_torch_file(path, "pass a run's best.pt or last.pt (written by sris train)", mmap=True)
     if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("recipe"), dict)):
         inner = (obj.get("model") or obj.get("module") or obj) if isinstance(obj, dict) else None
         if isinstance(inner, dict) and any(str(k).startswith(_BEIT3_KEY_PREFIXES) for k in inner) and not any(

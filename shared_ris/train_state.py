@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .model import CheckpointError
+from .model.checkpoint import load_torch_file
 
 CHECKPOINT_VERSION = 1
 REQUIRED_KEYS = ("model", "optimizer", "epoch", "epoch_step", "step", "best_oiou", "rng", "recipe")
@@ -57,14 +58,7 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
 
 def load_checkpoint(path: str | Path) -> dict:
     """Read a training checkpoint on the CPU; one-line :class:`CheckpointError` if it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint to resume from; use --resume auto or a path to last.pt")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{path}: cannot be read as a training checkpoint ({first[:160]})") from None
+    state = load_torch_file(path, "use --resume auto or a path to last.pt")
     missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path}: not a Shared-RIS training checkpoint (no {missing[0]!r}); pass last.pt or best.pt")

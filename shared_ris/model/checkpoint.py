@@ -65,16 +65,24 @@ def resample_vision_positions(table: torch.Tensor, num_patches: int, prefix_rows
     return torch.cat([prefix, patches], dim=0)
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a ``.pth`` safely (weights_only) and unwrap ``model`` / ``module``; bare dicts pass through."""
+def load_torch_file(path: str | Path, missing_hint: str, mmap: bool = False):
+    """``torch.load(weights_only=True)`` on the CPU: a pickle can only rebuild tensors and plain
+    containers, never run code. A missing or unreadable file raises one :class:`CheckpointError`
+    line; ``missing_hint`` says what to pass instead."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file; download beit3_base_patch16_224.pth from the BEiT-3 README")
+        raise CheckpointError(f"{path}: no such checkpoint file; {missing_hint}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, pickle with non-tensor objects, not a torch file at all
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({first[:160]})") from None
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # corrupt or truncated file, pickled non-tensor objects, not a torch file at all
+        text = str(exc).strip()
+        first = (text.splitlines()[0] if text else type(exc).__name__)[:160]
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({first})") from None
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a ``.pth`` safely (weights_only) and unwrap ``model`` / ``module``; bare dicts pass through."""
+    obj = load_torch_file(path, "download beit3_base_patch16_224.pth from the BEiT-3 README")
     for wrapper in ("model", "module", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
