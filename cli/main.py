@@ -30,11 +30,12 @@ def _root(
         raise typer.Exit()
 
 
-app.command()(flops)
+# In the order of a project: data, training, scores, use, cost.
+app.add_typer(prepare_app, name="prepare")
+app.command()(train)
 app.command("eval")(evaluate)
 app.command()(predict)
-app.command()(train)
-app.add_typer(prepare_app, name="prepare")
+app.command()(flops)
 
 
 def main() -> None:  # pragma: no cover - console entry
