@@ -160,17 +160,23 @@ def train(
 class StopOnSignal:
     """SIGTERM / SIGINT set ``requested``; the loop finishes its step, saves and returns.
 
-    A second signal stops at once (KeyboardInterrupt). Handlers are only installed from the main thread.
+    A signal arriving more than ``patience`` seconds after the first stops at once
+    (KeyboardInterrupt): an impatient second Ctrl-C. Copies of the first that arrive together
+    (the terminal, torchrun and SLURM may each deliver one) only repeat the request.
+    Handlers are only installed from the main thread.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, patience: float = 5.0) -> None:
         self.requested = False
+        self.patience = patience
+        self._first = 0.0
         self._previous: dict = {}
 
     def _handle(self, signum, _frame) -> None:
-        if self.requested:
+        if self.requested and time.monotonic() - self._first > self.patience:
             raise KeyboardInterrupt
-        self.requested = True
+        if not self.requested:
+            self.requested, self._first = True, time.monotonic()
 
     def __enter__(self) -> "StopOnSignal":
         if threading.current_thread() is threading.main_thread():

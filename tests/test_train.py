@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from shared_ris import build_model, load_recipe
 from shared_ris.config import TrainConfig, recipe_from_dict
 from shared_ris.distributed import DistEnv, free_port, setup, teardown
 from shared_ris.optim import build_optimizer, lr_at, param_groups
-from shared_ris.train import NonFiniteLossError, train_loop
+from shared_ris.train import NonFiniteLossError, StopOnSignal, train_loop
 from shared_ris.train_state import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 # A Shared-RIS small enough that a step takes milliseconds on one CPU core.
@@ -202,6 +203,18 @@ def test_sigterm_saves_and_resume_continues_exactly(tmp_path):
     for key in a:
         torch.testing.assert_close(b[key], a[key], atol=0, rtol=0, msg=key)
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+
+
+def test_repeated_signals_stop_once_and_an_impatient_one_interrupts():
+    before = signal.getsignal(signal.SIGTERM)
+    with StopOnSignal(patience=0.2) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # a copy from the launcher: still just a request
+        assert stop.requested
+        time.sleep(0.3)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_nan_loss_saves_and_names_the_step(tmp_path):
