@@ -19,7 +19,7 @@ import time
 import torch
 
 from shared_ris import build_model, load_recipe
-from shared_ris.evaluate import _autocast as autocast
+from shared_ris.evaluate import autocast
 from shared_ris.model import segmentation_loss
 from shared_ris.optim import build_optimizer
 

@@ -92,7 +92,8 @@ def resolve_protocol(
     return replace(PROTOCOLS[preset], **{k: v for k, v in given.items() if v is not None})
 
 
-def _autocast(device: torch.device, amp: str):
+def autocast(device: torch.device, amp: str):
+    """bf16 / fp16 autocast on CUDA, as the recipe's ``train.amp`` says; a no-op on the CPU."""
     if device.type == "cuda" and amp in ("bf16", "fp16"):
         return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
     return contextlib.nullcontext()
@@ -129,7 +130,7 @@ def evaluate_model(
     model.eval()
     acc = MetricAccumulator()
     for batch in loader:
-        with _autocast(device, amp):
+        with autocast(device, amp):
             logits = model(
                 batch["images"].to(device), batch["text_ids"].to(device), batch["text_padding_mask"].to(device)
             )

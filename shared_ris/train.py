@@ -27,7 +27,7 @@ from .data import build_eval_loader, build_train_loader, read_manifest
 from .data.manifest import is_remote, split_info
 from .distributed import DistEnv, gather_objects, setup, sum_across_ranks, teardown
 from .errors import SharedRISError
-from .evaluate import _autocast as autocast
+from .evaluate import autocast
 from .evaluate import evaluate_model
 from .layers.sync_batchnorm import convert_sync_batchnorm
 from .model import build_model, segmentation_loss
