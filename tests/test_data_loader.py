@@ -152,6 +152,16 @@ def test_start_step_resumes_the_uninterrupted_stream(synthetic, recipe, tokenize
     assert fingerprint(resumed) == full[start:]
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loaders_leave_the_global_torch_rng_alone(synthetic, recipe, tokenizer, workers):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    list(build_train_loader(synthetic, recipe, tokenizer, num_workers=workers))
+    list(build_eval_loader(synthetic, "val", recipe, tokenizer, num_workers=workers))
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_one_sentence_per_ref_from_the_recipe_field(synthetic, recipe, tokenizer):
     manifest_texts = {}
     for name in read_manifest(synthetic)["splits"]["train"]["shards"]:

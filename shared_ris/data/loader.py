@@ -188,7 +188,13 @@ class EvalLoader:
 
 
 def _data_loader(stream: torch.utils.data.IterableDataset, num_workers: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, prefetch_factor=2 if num_workers else None)
+    # The streams seed themselves from (seed, epoch, rank, worker). A DataLoader draws a base seed
+    # from the global torch RNG each time it starts iterating; its own generator keeps that draw
+    # from shifting the model's random stream (drop path) between a fresh and a resumed run.
+    return torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=num_workers, prefetch_factor=2 if num_workers else None,
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 def _settings(data_dir, split, recipe: Recipe, tokenizer: Tokenizer, rank, world_size, num_workers, batch_size, shards) -> tuple[StreamSettings, dict, int]:
