@@ -139,12 +139,13 @@ def synthetic(
     workers: Optional[int] = Workers,
     overwrite: bool = Overwrite,
     examples: int = typer.Option(8, "--examples", min=0, help="Also write this many loose images + prompts.jsonl to OUT/examples for sris predict."),
+    spatial: bool = typer.Option(False, "--spatial", help='Also relational expressions ("the leftmost red one"): harder, beyond the tiny quickstart.'),
 ) -> None:
-    """Referring shapes ("the leftmost red one") in the same shard format, plus spm.model for the tiny recipe."""
+    """Referring shapes ("the small red circle") in the same shard format, plus spm.model for the tiny recipe."""
     _run(
         "synthetic", prepare_synthetic, out_dir=out, train=train, val=val, test=test, size=size, seed=seed,
-        shard_size=shard_size, workers=workers, overwrite=overwrite,
+        shard_size=shard_size, workers=workers, overwrite=overwrite, spatial=spatial,
     )
     if examples:
-        folder = export_examples(out / "examples", examples, size=size, seed=seed)
+        folder = export_examples(out / "examples", examples, size=size, seed=seed, spatial=spatial)
         console.print(f"wrote {examples} example images and prompts.jsonl to {folder}")

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from shared_ris import Tokenizer
+from shared_ris import Tokenizer, load_recipe
 from shared_ris.data import prepare_synthetic, read_manifest
-from shared_ris.data.synthetic import COLOURS, SHAPES, SIZES, Shape, expressions, vocabulary_sentences
+from shared_ris.data.synthetic import COLOURS, SHAPES, SIZES, Shape, expressions, raw_text, vocabulary_sentences
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools on numpy 2
 
@@ -51,10 +51,20 @@ def referents(sentence: str, objects: list[dict], size: int) -> list[int]:
     return [best] if clear and len(group) >= 2 else group
 
 
-def test_every_expression_picks_exactly_its_target(small_set):
-    out, manifest = small_set
-    single_cue_would_do = 0
-    for split in ("train", "val", "test"):
+@pytest.fixture(scope="module")
+def spatial_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("syn_spatial")
+    return out, prepare_synthetic(out, train=40, val=10, test=0, size=96, seed=5, shard_size=25, workers=1, spatial=True)
+
+
+DIRECTION_WORDS = {"left", "leftmost", "right", "rightmost", "top", "topmost", "bottom", "lowest"}
+
+
+@pytest.mark.parametrize("which", ["small_set", "spatial_set"])
+def test_every_expression_picks_exactly_its_target(which, request):
+    out, manifest = request.getfixturevalue(which)
+    single_cue_would_do, relational = 0, 0
+    for split in manifest["splits"]:
         for key, sample in samples(out, manifest, split).items():
             meta = json.loads(sample["json"])
             objects = meta["objects"]
@@ -62,10 +72,14 @@ def test_every_expression_picks_exactly_its_target(small_set):
             for s in meta["sentences"]:
                 assert referents(s["sent"], objects, meta["width"]) == [0], (key, s["sent"])
                 assert s["raw"].lower().rstrip(".") == s["sent"]
+                relational += bool(DIRECTION_WORDS & set(s["sent"].split()))
             target = objects[0]
             single_cue_would_do += sum(o["colour"] == target["colour"] for o in objects) == 1
             single_cue_would_do += sum(o["shape"] == target["shape"] for o in objects) == 1
     assert single_cue_would_do == 0  # colour alone or shape alone never suffices
+    assert manifest["config"]["spatial"] == (which == "spatial_set")
+    # attribute phrases only by default; --spatial mixes relational ones in
+    assert relational == 0 if which == "small_set" else relational > 10
 
 
 def test_masks_are_visible_parts_of_sizeable_targets(small_set):
@@ -97,12 +111,14 @@ def test_deterministic_for_a_seed_whatever_the_workers(small_set, tmp_path):
 
 def test_tokenizer_fits_the_tiny_recipe_and_knows_every_word(small_set):
     out, _ = small_set
-    tokenizer = Tokenizer(out / "spm.model", max_len=16)
-    assert tokenizer.vocab_size <= 512
+    tiny = load_recipe("tiny").model
+    tokenizer = Tokenizer(out / "spm.model", max_len=tiny.max_text_len)
+    assert tokenizer.vocab_size <= tiny.encoder.vocab_size
     for sentence in vocabulary_sentences():
-        pieces = tokenizer.pieces(sentence)
-        assert 3 not in pieces and len(pieces) <= 14, sentence  # no unknowns, never truncated
-        assert len(pieces) == len(sentence.split()), sentence  # every word is one piece
+        for text in (sentence, raw_text(sentence)):
+            pieces = tokenizer.pieces(text)
+            assert 3 not in pieces and len(pieces) + 2 <= tiny.max_text_len, text  # no unknowns; <s> + </s> fit
+        assert len(tokenizer.pieces(sentence)) == len(sentence.split()), sentence  # every word is one piece
 
 
 def test_expressions_on_a_hand_made_scene():
@@ -122,10 +138,11 @@ def test_cli_prepare_synthetic_and_refcoco(tmp_path):
     from cli.main import app
 
     runner = CliRunner()
-    result = runner.invoke(app, ["prepare", "synthetic", "--out", str(tmp_path / "syn"), "--train", "12", "--val", "4", "--test", "0", "--size", "64", "--workers", "1"])
+    result = runner.invoke(app, ["prepare", "synthetic", "--out", str(tmp_path / "syn"), "--train", "12", "--val", "4", "--test", "0", "--size", "64", "--workers", "1", "--spatial"])
     assert result.exit_code == 0, result.output
     assert re.search(r"train\s.*12\s", result.output) and "nothing skipped" in result.output
     assert read_manifest(tmp_path / "syn")["splits"]["val"]["samples"] == 4
+    assert read_manifest(tmp_path / "syn")["config"]["spatial"] is True
     result = runner.invoke(app, ["prepare", "refcoco", "--refer-root", str(tmp_path / "none"), "--images", str(tmp_path), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2
     assert "refer root not found" in result.output and "Traceback" not in result.output

@@ -3,8 +3,10 @@
 Every image holds 3-6 coloured circles, squares and triangles, large or small, on a textured
 background, drawn in z-order (overlaps allowed). The target always shares its colour with one
 object and its shape with another, so neither word alone finds it; each expression is a query
-(attributes, optionally "the leftmost ..."/"... at the bottom") that is checked to select exactly
-the target before it is kept. The mask is the target's visible part. A sample is a pure function
+over attributes ("the small red circle") that is checked to select exactly the target before it is
+kept. ``spatial=True`` adds relational queries ("the leftmost red one", "the triangle at the
+bottom"); they are off by default because the ``tiny`` recipe stays at chance on them after its
+10-minute quickstart (a relation takes far longer to learn from scratch than an attribute). The mask is the target's visible part. A sample is a pure function
 of (seed, split, index), so the set is the same whatever the number of workers.
 """
 
@@ -83,14 +85,19 @@ def _select(objects: list[Shape], attrs: dict[str, str], direction: str | None, 
     return ranked[0] if lead >= MARGIN * size else None
 
 
-def expressions(objects: list[Shape], target: int, size: int, rng: np.random.Generator) -> list[tuple[str, str]]:
-    """Every (kind, text) that selects exactly ``objects[target]``, one random phrasing per query."""
+def expressions(
+    objects: list[Shape], target: int, size: int, rng: np.random.Generator, spatial: bool = True
+) -> list[tuple[str, str]]:
+    """Every (kind, text) that selects exactly ``objects[target]``, one random phrasing per query;
+    attribute queries only unless ``spatial``."""
     t = objects[target]
     found = []
     for keys, templates in ATTRIBUTE_TEMPLATES.items():
         attrs = {k: getattr(t, k) for k in keys}
         if _select(objects, attrs, None, size) == target:
             found.append(("+".join(keys), str(rng.choice(templates)).format(**attrs)))
+    if not spatial:
+        return found
     for key in ("colour", "shape"):
         thing = t.shape if key == "shape" else f"{t.colour} one"
         for direction, templates in SPATIAL_TEMPLATES.items():
@@ -183,11 +190,11 @@ def make_scene(rng: np.random.Generator, size: int, attempts: int = 100):
 
 def make_synthetic_sample(item: dict) -> tuple[dict, list[dict]]:
     """One ref: image, visible mask of the target, 2-3 expressions that each select only it."""
-    size = item["size"]
+    size, spatial = item["size"], item.get("spatial", False)
     rng = np.random.default_rng([item["seed"], STREAMS[item["split"]], item["index"]])
     while True:  # a scene where at least two different cue combinations single out the target
         image, objects, labels = make_scene(rng, size)
-        found = expressions(objects, 0, size, rng)
+        found = expressions(objects, 0, size, rng, spatial)
         if len(found) >= 2:
             break
     texts = [found[j][1] for j in rng.permutation(len(found))[: int(rng.integers(2, 4))]]
@@ -249,6 +256,7 @@ def prepare_synthetic(
     seed: int = 0,
     progress: Progress | None = None,
     *,
+    spatial: bool = False,
     workers: int | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     overwrite: bool = False,
@@ -258,7 +266,8 @@ def prepare_synthetic(
     Args:
         train, val, test: refs (one per image) per split; 0 leaves a split out.
         size: image side in pixels (at least 64).
-        seed: the whole set is a function of it (and of the counts and size).
+        seed: the whole set is a function of it (and of the counts, size and ``spatial``).
+        spatial: also write relational expressions ("the leftmost red one"); see the module docstring.
         progress, workers, shard_size, overwrite: as :func:`prepare_refer`.
     """
     if size < 64:
@@ -267,11 +276,11 @@ def prepare_synthetic(
     if any(n < 0 for n in counts.values()) or not any(counts.values()):
         raise DataError(f"sample counts must be >= 0 and not all 0, got train={train} val={val} test={test}")
     splits = {
-        split: [{"split": split, "index": i, "ref_id": i, "image_id": i, "seed": seed, "size": size} for i in range(n)]
+        split: [{"split": split, "index": i, "ref_id": i, "image_id": i, "seed": seed, "size": size, "spatial": spatial} for i in range(n)]
         for split, n in counts.items() if n
     }
-    config = {"dataset": DATASET, "counts": counts, "size": size, "seed": seed, "shard_size": shard_size}
-    sources = {"generator": "shared_ris.data.synthetic", "seed": seed, "size": size}
+    config = {"dataset": DATASET, "counts": counts, "size": size, "seed": seed, "spatial": spatial, "shard_size": shard_size}
+    sources = {"generator": "shared_ris.data.synthetic", "seed": seed, "size": size, "spatial": spatial}
     manifest = write_dataset(
         DATASET, out_dir, splits, make_synthetic_sample, config=config, sources=sources, shard_size=shard_size,
         workers=workers, strict=True, overwrite=overwrite, progress=progress,
@@ -281,14 +290,14 @@ def prepare_synthetic(
     return manifest
 
 
-def export_examples(out_dir: str | Path, count: int = 8, size: int = 128, seed: int = 0) -> Path:
+def export_examples(out_dir: str | Path, count: int = 8, size: int = 128, seed: int = 0, spatial: bool = False) -> Path:
     """Write ``count`` fresh scenes (in no split) as ``NNN.jpg`` plus ``prompts.jsonl`` with one
     expression per image, ready for ``sris predict DIR --prompts DIR/prompts.jsonl``. Returns DIR."""
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
     for index in range(count):
-        item = {"split": EXAMPLES, "index": index, "ref_id": index, "image_id": index, "seed": seed, "size": size}
+        item = {"split": EXAMPLES, "index": index, "ref_id": index, "image_id": index, "seed": seed, "size": size, "spatial": spatial}
         sample, _ = make_synthetic_sample(item)
         name = f"{index:03d}.jpg"
         (folder / name).write_bytes(sample["jpg"])
