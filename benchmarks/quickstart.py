@@ -1,8 +1,9 @@
 """Does it learn, and does it use the words? Synthetic set → train ``tiny`` → val mIoU, twice.
 
-    python benchmarks/quickstart.py [--out demo/quickstart] [--set train.epochs=10 …]
+    python benchmarks/quickstart.py [--out demo/quickstart] [--spatial] [--set train.epochs=10 …]
 
-1. ``prepare_synthetic`` with its default sizes (4000 train / 300 val refs, 128 px), unless present.
+1. ``prepare_synthetic`` with its default sizes (4000 train / 300 val refs, 128 px), unless present;
+   ``--spatial`` prepares the variant with relational expressions ("the leftmost red one") too.
 2. ``train`` the ``tiny`` recipe from scratch (one process, all cores).
 3. Score the final weights on every val expression, then again with the expressions shuffled across
    the val set (images and masks kept). Every synthetic target shares its colour with one object and
@@ -29,6 +30,8 @@ from shared_ris.evaluate import evaluate_model
 from shared_ris.train import train
 from shared_ris.train_state import load_checkpoint
 
+RELATIONAL_WORDS = {"left", "leftmost", "right", "rightmost", "top", "topmost", "bottom", "lowest"}
+
 
 def shuffled_expressions(batches: list[dict], seed: int = 0) -> list[dict]:
     """The same batches with every expression (ids and padding) moved to another row of the set."""
@@ -43,6 +46,16 @@ def shuffled_expressions(batches: list[dict], seed: int = 0) -> list[dict]:
     return out
 
 
+def miou_by_kind(scored, batches: list[dict]) -> dict:
+    """Val mIoU of attribute expressions and of relational ones ("the leftmost red one")."""
+    texts = {f"{k}_{s}": t for b in batches for k, s, t in zip(b["keys"], b["sent_ids"], b["texts"])}
+    ious: dict[str, list[float]] = {}
+    for key, inter, union, *_ in scored.records():
+        kind = "relational" if RELATIONAL_WORDS & set(texts[key].split()) else "attribute"
+        ious.setdefault(kind, []).append(inter / union if union else 1.0)
+    return {kind: {"mIoU": round(sum(v) / len(v), 4), "n": len(v)} for kind, v in sorted(ious.items())}
+
+
 def cpu_seconds() -> float:
     """User + system CPU time of this process and its finished children (loader workers)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -52,13 +65,15 @@ def cpu_seconds() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("demo/quickstart"))
+    parser.add_argument("--spatial", action="store_true", help="the synthetic set with relational expressions too")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override key=value")
     args = parser.parse_args()
-    data_dir, run_dir = args.out / "synthetic", args.out / "run"
+    data_dir = args.out / ("synthetic-spatial" if args.spatial else "synthetic")
+    run_dir = args.out / ("run-spatial" if args.spatial else "run")
 
     started = time.time()
     if not (data_dir / "manifest.json").is_file():
-        prepare_synthetic(data_dir)
+        prepare_synthetic(data_dir, spatial=args.spatial)
     prepared = time.time()
 
     recipe = load_recipe("tiny", args.overrides)
@@ -79,7 +94,8 @@ def main() -> None:
     model.load_state_dict(load_checkpoint(run_dir / "last.pt")["model"])
     tokenizer = Tokenizer(data_dir / "spm.model", max_len=recipe.model.max_text_len)
     batches = list(build_eval_loader(data_dir, "val", recipe, tokenizer, num_workers=0))
-    normal = evaluate_model(model, batches, threshold=recipe.model.threshold).summary()
+    scored = evaluate_model(model, batches, threshold=recipe.model.threshold)
+    normal = scored.summary()
     shuffled = evaluate_model(model, shuffled_expressions(batches), threshold=recipe.model.threshold).summary()
     result = {
         "val_mIoU": round(normal["mIoU"], 4), "val_oIoU": round(normal["oIoU"], 4),
@@ -88,6 +104,7 @@ def main() -> None:
         "steps": summary["step"], "prepare_s": round(prepared - started), "train_s": round(trained - prepared),
         "train_cpu_s": round(train_cpu),
         "eval_s": round(time.time() - trained), "threads": torch.get_num_threads(),
+        "mIoU_by_kind": miou_by_kind(scored, batches),
     }  # fmt: skip
     print(json.dumps(result))
     ok = result["val_mIoU"] >= 0.6 and result["ratio"] >= 2 and result["train_s"] <= 600
