@@ -90,6 +90,24 @@ def test_every_parameter_gets_a_gradient():
     assert no_grad == frozen
 
 
+def test_layers_past_the_deepest_fpn_stage_are_skipped_and_frozen():
+    # stages [1] of 2 layers: layer 2 is never read, so it must not wait for a gradient under DDP
+    model, _ = tiny_model("model.fpn.stages=[1]")
+    images, ids, pad = torch.randn(2, 3, 64, 64), torch.randint(4, 50, (2, 6)), torch.zeros(2, 6, dtype=torch.bool)
+    assert len(model.encode(images, ids, pad)) == 2  # h0, h1
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert {n for n, _ in model.beit3.encoder.layers[1].named_parameters(prefix="beit3.encoder.layers.1")} <= frozen
+    assert not frozen & {n for n, _ in model.beit3.encoder.layers[0].named_parameters(prefix="beit3.encoder.layers.0")}
+    # the same logits as running every layer and letting the FPN pick stage 1
+    with torch.no_grad():
+        states = model.beit3(images, ids, pad)
+        padding = model.beit3.sequence_padding_mask(pad)
+        full = model.decoder(model.fpn(states, padding), padding, model.beit3.num_vision_tokens)
+        torch.testing.assert_close(model(images, ids, pad), full)
+        _, maps = model(images, ids, pad, return_attention=True)
+    assert maps["encoder"].shape == (2, 4, 4)
+
+
 def test_bce_and_dice_on_hand_computed_case():
     # Two pixels: p = σ(0) = 0.5 on a positive, σ(ln 3) = 0.75 on a negative.
     logits = torch.tensor([0.0, torch.log(torch.tensor(3.0))]).view(1, 1, 1, 2)

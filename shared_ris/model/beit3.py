@@ -210,17 +210,20 @@ class BEiT3(nn.Module):
         text_ids: torch.Tensor,
         text_padding_mask: torch.Tensor,
         return_last_attention: bool = False,
+        num_layers: int | None = None,
     ) -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
         """Return [h0, h1, …, hL], each (B, n + 1 + T, D): the embedding then the raw residual
-        stream after every layer, with no final norm. With ``return_last_attention`` also the last
-        layer's attention weights (B, heads, N, N)."""
+        stream after every layer, with no final norm. ``num_layers`` runs only the first L layers
+        (default all). With ``return_last_attention`` also the last run layer's attention weights
+        (B, heads, N, N)."""
         x = self.embed(images, text_ids, text_padding_mask)
         padding = self.sequence_padding_mask(text_padding_mask)
         split = self.num_vision_tokens
+        depth = self.depth if num_layers is None else num_layers
         states = [x]
         weights = None
-        for i, layer in enumerate(self.encoder.layers):
-            if return_last_attention and i == self.depth - 1:
+        for i, layer in enumerate(self.encoder.layers[:depth]):
+            if return_last_attention and i == depth - 1:
                 x, weights = layer(x, split, padding, return_weights=True)
             else:
                 x = layer(x, split, padding)

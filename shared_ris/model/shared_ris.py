@@ -39,15 +39,20 @@ class SharedRIS(nn.Module):
         self.fpn = fpn
         self.decoder = decoder
         self.threshold = threshold
+        # The FPN reads nothing past its deepest stage (e.g. stages [3, 6] of 12 layers): skip those layers.
+        self.encoder_layers = max(fpn.stages) if fpn.stages else beit3.depth
         # Loaded for checkpoint compatibility but never on RIS's path: freeze them so DDP needs
         # no find_unused_parameters and the optimizer never sees them.
         for param in self.unused_parameters():
             param.requires_grad_(False)
 
     def unused_parameters(self) -> list[nn.Parameter]:
+        """The MIM mask token, the final norm and any encoder layer past the deepest FPN stage."""
         unused = [self.beit3.vision_embed.mask_token]
         if self.beit3.encoder.layer_norm is not None:
             unused += list(self.beit3.encoder.layer_norm.parameters())
+        for layer in self.beit3.encoder.layers[self.encoder_layers :]:
+            unused += list(layer.parameters())
         return unused
 
     @property
@@ -55,8 +60,9 @@ class SharedRIS(nn.Module):
         return self.beit3.image_size
 
     def encode(self, images: torch.Tensor, text_ids: torch.Tensor, text_padding_mask: torch.Tensor) -> list[torch.Tensor]:
-        """[h0, h1, …, hL], each (B, n + 1 + T, D): embedding output then the raw state after every layer."""
-        return self.beit3(images, text_ids, text_padding_mask)
+        """[h0, h1, …, hL], each (B, n + 1 + T, D): embedding output then the raw state after every
+        layer the FPN reads (L = its deepest stage)."""
+        return self.beit3(images, text_ids, text_padding_mask, num_layers=self.encoder_layers)
 
     def forward(
         self,
@@ -69,15 +75,18 @@ class SharedRIS(nn.Module):
 
         Returns mask logits (B, 1, S/4, S/4). With ``return_attention`` also the paper's attention
         maps (Fig. 7) as {"encoder", "fpn", "decoder"} → (B, S/p, S/p): the text-cls row over the
-        patches from the encoder's last layer, the mean over FPN levels, and the decoder's last layer.
+        patches from the encoder's last layer run (the deepest FPN stage), the mean over FPN levels,
+        and the decoder's last layer.
         """
         padding = self.beit3.sequence_padding_mask(text_padding_mask)
         split = self.beit3.num_vision_tokens
         if not return_attention:
-            states = self.beit3(images, text_ids, text_padding_mask)
+            states = self.encode(images, text_ids, text_padding_mask)
             return self.decoder(self.fpn(states, padding), padding, split)
 
-        states, encoder_weights = self.beit3(images, text_ids, text_padding_mask, return_last_attention=True)
+        states, encoder_weights = self.beit3(
+            images, text_ids, text_padding_mask, return_last_attention=True, num_layers=self.encoder_layers
+        )
         z, fpn_weights = self.fpn(states, padding, return_weights=True)
         logits, decoder_weights = self.decoder(z, padding, split, return_weights=True)
         maps = {"encoder": text_cls_attention_map(encoder_weights, split)}
