@@ -339,6 +339,8 @@ def predict_folder(
     check_device(device)
     pairs = read_prompts(prompts) if prompts is not None else None
     jobs, ignored, missing = plan_jobs(path, text, pairs, recursive, out_dir)
+    if prompts is not None:  # the prompts file kept beside its images is input, not a stray file
+        ignored = [f for f in ignored if f.resolve() != Path(prompts).resolve()]
     predictor = Predictor.from_checkpoint(checkpoint, tokenizer, device)
     for distinct in dict.fromkeys(t for job in jobs for t in job.texts):
         if predictor.tokenizer.is_truncated(distinct) and warn is not None:

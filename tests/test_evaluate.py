@@ -1,6 +1,7 @@
 """evaluate_run / sris eval on a small synthetic split: protocols, saved masks, JSON, 2 ranks == 1 rank."""
 
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -24,6 +25,15 @@ def data_dir(tmp_path_factory):
     return folder
 
 
+def sentences(data_dir, split: str) -> int:
+    """Expressions of a split, counted from the shards' json members (not from our loaders)."""
+    total = 0
+    for shard in sorted(data_dir.glob(f"synthetic-{split}-*.tar")):
+        with tarfile.open(shard) as tar:
+            total += sum(len(json.load(tar.extractfile(m))["sentences"]) for m in tar.getmembers() if m.name.endswith(".json"))
+    return total
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     return make_trained_run(tmp_path_factory.mktemp("run"), seed=3)
@@ -34,7 +44,7 @@ def single(run, data_dir):
     return evaluate_run(run, data_dir, "val,test", num_workers=0, batch_size=4)
 
 
-def test_report_layout_and_ranges(single, run):
+def test_report_layout_and_ranges(single, run, data_dir):
     assert single["checkpoint"] == str(run)
     assert single["protocol"] == {
         "resolution": "original", "threshold": 0.35, "inclusive": False, "image_size": 128,
@@ -42,10 +52,10 @@ def test_report_layout_and_ranges(single, run):
     }  # fmt: skip
     assert list(single["splits"]) == ["val", "test"]
     val = single["splits"]["val"]
-    assert val["n"] == 25 and single["splits"]["test"]["n"] == 16  # every sentence of the split, once
+    assert val["n"] == sentences(data_dir, "val") and single["splits"]["test"]["n"] == sentences(data_dir, "test")  # each once
     for key in ("oIoU", "mIoU", "P@0.5", "P@0.7", "P@0.9"):
         assert 0.0 <= val[key] <= 1.0
-    assert sum(row["n"] for row in val["by_size"]) == 25
+    assert sum(row["n"] for row in val["by_size"]) == val["n"]
     json.dumps(single)  # plain JSON types only
 
 
@@ -58,7 +68,7 @@ def test_lavt_protocol_scores_at_the_input_size(run, data_dir):
     lavt = resolve_protocol("lavt")
     report = evaluate_run(run, data_dir, "val", resolution=lavt.resolution, threshold=lavt.threshold, inclusive=lavt.inclusive, num_workers=0)
     assert report["protocol"]["description"] == "protocol: masks at 128×128 input size (ground truth resized, nearest), σ>0.5, P@X: IoU ≥ X, per expression"
-    assert report["splits"]["val"]["n"] == 25
+    assert report["splits"]["val"]["n"] == sentences(data_dir, "val")
 
 
 def test_protocol_presets_and_overrides():
@@ -77,7 +87,7 @@ def test_protocol_presets_and_overrides():
 def test_saved_masks_are_the_scored_masks(tmp_path, run, data_dir):
     report = evaluate_run(run, data_dir, "test", save_masks=tmp_path / "masks", num_workers=0)
     files = sorted((tmp_path / "masks" / "test").glob("*.png"))
-    assert len(files) == report["splits"]["test"]["n"] == 16
+    assert len(files) == report["splits"]["test"]["n"] == sentences(data_dir, "test")
     for file in files:
         mask = Image.open(file)
         assert mask.mode == "L" and mask.size == (64, 64)  # the synthetic images' original size
@@ -156,4 +166,4 @@ def test_two_gloo_ranks_equal_one_process_exactly(tmp_path, run, data_dir, singl
                                  "--json", str(out), "--save-masks", str(masks), "--workers", "0", "--batch-size", "4"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text()) == single  # exact: integer records gathered and merged by key
-    assert len(list((masks / "val").glob("*.png"))) == 25  # each rank saved its own share
+    assert len(list((masks / "val").glob("*.png"))) == sentences(data_dir, "val")  # each rank saved its own share

@@ -160,6 +160,16 @@ def test_rerun_overwrites_and_never_reads_its_outputs(tmp_path, trained_run):
     assert sorted(p.name for p in folder.iterdir()) == ["a.mask.png", "a.overlay.jpg", "a.png", "predictions.jsonl"]
 
 
+def test_a_prompts_file_beside_its_images_is_not_reported_as_ignored(tmp_path, trained_run):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    gradient(20, 16).save(folder / "a.png")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "prompts.jsonl").write_text(json.dumps({"file": "a.png", "text": "the red circle"}) + "\n")
+    summary = predict_folder(folder, None, trained_run, out_dir=tmp_path / "out", prompts=folder / "prompts.jsonl")
+    assert summary.predictions == 1 and summary.ignored == [str(folder / "notes.txt")]
+
+
 def test_prompts_jsonl_several_texts_per_image(tmp_path, trained_run):
     folder = tmp_path / "in"
     folder.mkdir()
@@ -249,4 +259,5 @@ def test_long_text_is_truncated_with_a_warning(tmp_path, trained_run):
     warnings = []
     summary = predict_folder(image, long_text, trained_run, out_dir=tmp_path / "out", warn=warnings.append)
     assert summary.predictions == 1
-    assert len(warnings) == 1 and long_text in warnings[0] and "first 14" in warnings[0]
+    limit = load_run(trained_run)[1].model.max_text_len - 2  # <s> and </s> take two positions
+    assert len(warnings) == 1 and long_text in warnings[0] and f"first {limit} are used" in warnings[0]
