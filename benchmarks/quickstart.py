@@ -2,7 +2,7 @@
 
     python benchmarks/quickstart.py [--out demo/quickstart] [--spatial] [--set train.epochs=10 …]
 
-1. ``prepare_synthetic`` with its default sizes (4000 train / 300 val refs, 128 px), unless present;
+1. ``prepare_synthetic`` with its default sizes (4000 train / 300 val refs, 128 px), kept if present;
    ``--spatial`` prepares the variant with relational expressions ("the leftmost red one") too.
 2. ``train`` the ``tiny`` recipe from scratch (one process, all cores).
 3. Score the final weights on every val expression, then again with the expressions shuffled across
@@ -72,8 +72,7 @@ def main() -> None:
     run_dir = args.out / ("run-spatial" if args.spatial else "run")
 
     started = time.time()
-    if not (data_dir / "manifest.json").is_file():
-        prepare_synthetic(data_dir, spatial=args.spatial)
+    prepare_synthetic(data_dir, spatial=args.spatial)  # a finished set is kept; one made otherwise is an error
     prepared = time.time()
 
     recipe = load_recipe("tiny", args.overrides)
