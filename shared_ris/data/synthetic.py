@@ -6,8 +6,9 @@ object and its shape with another, so neither word alone finds it; each expressi
 over attributes ("the small red circle") that is checked to select exactly the target before it is
 kept. ``spatial=True`` adds relational queries ("the leftmost red one", "the triangle at the
 bottom"); they are off by default because the ``tiny`` recipe stays at chance on them after its
-10-minute quickstart (a relation takes far longer to learn from scratch than an attribute). The mask is the target's visible part. A sample is a pure function
-of (seed, split, index), so the set is the same whatever the number of workers.
+10-minute quickstart (a relation takes far longer to learn from scratch than an attribute).
+The mask is the target's visible part. A sample is a pure function of (seed, split, index), so
+the set is the same whatever the number of workers.
 """
 
 from __future__ import annotations
