@@ -26,11 +26,10 @@ import torch
 
 from shared_ris import Tokenizer, build_model, load_recipe
 from shared_ris.data import build_eval_loader, prepare_synthetic
+from shared_ris.data.synthetic import RELATION_WORDS
 from shared_ris.evaluate import evaluate_model
 from shared_ris.train import train
 from shared_ris.train_state import load_checkpoint
-
-RELATIONAL_WORDS = {"left", "leftmost", "right", "rightmost", "top", "topmost", "bottom", "lowest"}
 
 
 def shuffled_expressions(batches: list[dict], seed: int = 0) -> list[dict]:
@@ -51,7 +50,7 @@ def miou_by_kind(scored, batches: list[dict]) -> dict:
     texts = {f"{k}_{s}": t for b in batches for k, s, t in zip(b["keys"], b["sent_ids"], b["texts"])}
     ious: dict[str, list[float]] = {}
     for key, inter, union, *_ in scored.records():
-        kind = "relational" if RELATIONAL_WORDS & set(texts[key].split()) else "attribute"
+        kind = "relational" if RELATION_WORDS & set(texts[key].split()) else "attribute"
         ious.setdefault(kind, []).append(inter / union if union else 1.0)
     return {kind: {"mIoU": round(sum(v) / len(v), 4), "n": len(v)} for kind, v in sorted(ious.items())}
 

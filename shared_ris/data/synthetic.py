@@ -49,6 +49,10 @@ SPATIAL_TEMPLATES = {
     "top": ("the {thing} at the top", "the topmost {thing}"),
     "bottom": ("the {thing} at the bottom", "the lowest {thing}"),
 }
+# The words only relational expressions use ("left", "leftmost", …), e.g. to score them apart.
+RELATION_WORDS = frozenset(
+    word for templates in SPATIAL_TEMPLATES.values() for t in templates for word in t.split()
+) - {"the", "{thing}", "on", "at"}
 
 
 @dataclass
