@@ -223,34 +223,46 @@ def _is_output(path: Path) -> bool:
     return path.name == "predictions.jsonl" or any(marker in path.name for marker in OUTPUT_MARKERS)
 
 
-def list_inputs(path: Path, recursive: bool, out_dir: Path) -> tuple[list[Path], list[Path]]:
+def list_inputs(
+    path: Path, recursive: bool, out_dir: Path, prompts_file: Path | None = None
+) -> tuple[list[Path], list[Path]]:
     """(images, ignored): files under ``path`` with an image suffix, sorted, and the other files.
-    Our own output files, and an output folder inside ``path``, are left out of both."""
+    Our own output files, the prompts file and an output folder inside ``path`` are left out of both."""
     if path.is_file():
         return [path], []
     if not path.is_dir():
         raise SharedRISError(f"{path}: no such file or folder")
     out_dir, root = out_dir.resolve(), path.resolve()
     inside = out_dir != root and root in out_dir.parents  # an output folder below the inputs is skipped
+    prompts = prompts_file.resolve() if prompts_file is not None else None
     images, ignored = [], []
     for file in sorted(path.rglob("*") if recursive else path.iterdir()):
-        if not file.is_file() or _is_output(file) or (inside and out_dir in file.resolve().parents):
+        if not file.is_file() or _is_output(file):
+            continue
+        resolved = file.resolve()
+        if (inside and out_dir in resolved.parents) or resolved == prompts:  # prompts kept beside their images
             continue
         (images if file.suffix.lower() in IMAGE_SUFFIXES else ignored).append(file)
     return images, ignored
 
 
 def plan_jobs(
-    path: Path, text: str | None, prompts: list[tuple[str, str]] | None, recursive: bool, out_dir: Path
+    path: Path,
+    text: str | None,
+    prompts: list[tuple[str, str]] | None,
+    recursive: bool,
+    out_dir: Path,
+    prompts_file: Path | None = None,
 ) -> tuple[list[Job], list[Path], list[tuple[str, str]]]:
     """Pair images with texts and give every output a distinct name.
 
     Without prompts every image gets ``text``. With prompts, each listed file gets its prompts (in
-    file order), and images the prompts do not name get ``text`` if one was given. Returns
-    (jobs, ignored non-image files, prompts naming missing files as (file, reason)).
+    file order), and images the prompts do not name get ``text`` if one was given; ``prompts_file``
+    (where the prompts came from) is never an input. Returns (jobs, ignored non-image files,
+    prompts naming missing files as (file, reason)).
     """
     root = path if path.is_dir() else path.parent
-    images, ignored = list_inputs(path, recursive, out_dir)
+    images, ignored = list_inputs(path, recursive, out_dir, prompts_file)
     texts: dict[Path, list[str]] = {image: [] for image in images}
     missing: list[tuple[str, str]] = []
     for file, prompt in prompts or []:
@@ -337,10 +349,9 @@ def predict_folder(
     if text is not None:
         check_text(text)
     check_device(device)
-    pairs = read_prompts(prompts) if prompts is not None else None
-    jobs, ignored, missing = plan_jobs(path, text, pairs, recursive, out_dir)
-    if prompts is not None:  # the prompts file kept beside its images is input, not a stray file
-        ignored = [f for f in ignored if f.resolve() != Path(prompts).resolve()]
+    prompts_file = Path(prompts) if prompts is not None else None
+    pairs = read_prompts(prompts_file) if prompts_file is not None else None
+    jobs, ignored, missing = plan_jobs(path, text, pairs, recursive, out_dir, prompts_file)
     predictor = Predictor.from_checkpoint(checkpoint, tokenizer, device)
     for distinct in dict.fromkeys(t for job in jobs for t in job.texts):
         if predictor.tokenizer.is_truncated(distinct) and warn is not None:
