@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from refer_fixture import build_refer_fixture
+from shard_reading import all_sentences
 from shared_ris import Tokenizer, load_recipe
 from shared_ris.data import DataError, build_eval_loader, build_train_loader, prepare_refer, prepare_synthetic, read_manifest
 from shared_ris.data.streams import eval_units, make_units, train_units
@@ -36,19 +37,6 @@ def recipe():
 @pytest.fixture(scope="module")
 def tokenizer(synthetic, recipe):
     return Tokenizer(synthetic / "spm.model", recipe.model.max_text_len)
-
-
-def all_sentences(data_dir, split) -> Counter:
-    """(key, sent_id) of every sentence of the split, read with tarfile from the shards."""
-    manifest = read_manifest(data_dir)
-    found = Counter()
-    for name in manifest["splits"][split]["shards"]:
-        with tarfile.open(data_dir / name) as tar:
-            for member in tar.getmembers():
-                if member.name.endswith(".json"):
-                    key = member.name.split(".")[0]
-                    found.update((key, s["sent_id"]) for s in json.loads(tar.extractfile(member).read())["sentences"])
-    return found
 
 
 def fingerprint(batches) -> list:

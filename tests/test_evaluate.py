@@ -1,7 +1,6 @@
 """evaluate_run / sris eval on a small synthetic split: protocols, saved masks, JSON, 2 ranks == 1 rank."""
 
 import json
-import tarfile
 
 import numpy as np
 import pytest
@@ -11,6 +10,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from fixtures_predict import make_trained_run
+from shard_reading import all_sentences
 from shared_ris.data import prepare_synthetic
 from shared_ris.errors import SharedRISError
 from shared_ris.evaluate import PROTOCOLS, Protocol, evaluate_model, evaluate_run, logits_to_mask, resolve_protocol
@@ -26,12 +26,7 @@ def data_dir(tmp_path_factory):
 
 
 def sentences(data_dir, split: str) -> int:
-    """Expressions of a split, counted from the shards' json members (not from our loaders)."""
-    total = 0
-    for shard in sorted(data_dir.glob(f"synthetic-{split}-*.tar")):
-        with tarfile.open(shard) as tar:
-            total += sum(len(json.load(tar.extractfile(m))["sentences"]) for m in tar.getmembers() if m.name.endswith(".json"))
-    return total
+    return sum(all_sentences(data_dir, split).values())
 
 
 @pytest.fixture(scope="module")
