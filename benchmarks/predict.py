@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 
 from shared_ris import build_model, load_recipe
+from shared_ris.checkpoint import save_trained
 from shared_ris.data.synthetic import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,8 +41,7 @@ def write_run(folder: Path, recipe_name: str) -> Path:
     recipe = load_recipe(recipe_name)
     torch.manual_seed(0)
     model = build_model(recipe)
-    checkpoint = folder / "best.pt"
-    torch.save({"model": model.state_dict(), "recipe": recipe.to_dict()}, checkpoint)
+    checkpoint = save_trained(model, recipe, folder / "best.pt")
     train_tokenizer(folder / "spm.model")
     return checkpoint
 

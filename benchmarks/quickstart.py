@@ -29,7 +29,7 @@ from shared_ris.data import build_eval_loader, prepare_synthetic
 from shared_ris.data.synthetic import RELATION_WORDS
 from shared_ris.evaluate import evaluate_model
 from shared_ris.train import train
-from shared_ris.train_state import load_checkpoint
+from shared_ris.checkpoint import load_checkpoint
 
 
 def shuffled_expressions(batches: list[dict], seed: int = 0) -> list[dict]:

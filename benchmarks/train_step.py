@@ -2,9 +2,9 @@
 
     python benchmarks/train_step.py [--recipe base] [--batch N] [--steps 5] [--warmup 2]
 
-The step is the one ``sris train`` runs: forward (bf16 autocast on CUDA, fp32 on CPU),
-2·BCE + 0.5·Dice, backward, grad-clip 1.0, AdamW — random weights, random inputs with a
-20-token text. Default batch: 14 on a GPU (the paper's per-GPU batch), 1 on the CPU.
+The step is ``shared_ris.train.train_step``, the one ``sris train`` runs: forward (bf16 autocast
+on CUDA, fp32 on CPU), 2·BCE + 0.5·Dice, the losses read back, backward, grad-clip 1.0, AdamW —
+random weights, random inputs with a 20-token text. Default batch: 14 on a GPU (the paper's per-GPU batch), 1 on the CPU.
 Prints the median step time, img/s and peak memory (CUDA: max allocated; CPU: max RSS).
 """
 
@@ -18,10 +18,9 @@ import time
 
 import torch
 
-from shared_ris import build_model, load_recipe
-from shared_ris.evaluate import autocast
-from shared_ris.model import segmentation_loss
-from shared_ris.optim import build_optimizer
+from shared_ris import load_recipe
+from shared_ris.distributed import DistEnv
+from shared_ris.train import build_trainee, train_step
 
 
 def main() -> None:
@@ -36,29 +35,22 @@ def main() -> None:
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # as train() does
     recipe = load_recipe(args.recipe)
-    batch = args.batch or (14 if device.type == "cuda" else 1)
-    amp = recipe.train.amp if device.type == "cuda" else "fp32"
+    batch_size = args.batch or (14 if device.type == "cuda" else 1)
     size, length = recipe.model.image_size, recipe.model.max_text_len
 
-    torch.manual_seed(0)
-    model = build_model(recipe).to(device).train()
-    optimizer = build_optimizer(model, recipe.train)
-    images = torch.randn(batch, 3, size, size, device=device)
-    text_ids = torch.randint(4, 1000, (batch, length), device=device)
-    padding = torch.zeros(batch, length, dtype=torch.bool, device=device)
-    masks = (torch.rand(batch, 1, size, size, device=device) > 0.7).float()
+    trainee = build_trainee(recipe, DistEnv(device=device), pretrained=None, notify=print)
+    batch = {
+        "images": torch.randn(batch_size, 3, size, size, device=device),
+        "text_ids": torch.randint(4, 1000, (batch_size, length), device=device),
+        "text_padding_mask": torch.zeros(batch_size, length, dtype=torch.bool, device=device),
+        "masks": (torch.rand(batch_size, 1, size, size, device=device) > 0.7).float(),
+    }
 
     def step() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        with autocast(device, amp):
-            logits = model(images, text_ids, padding)
-        loss = segmentation_loss(logits, masks, recipe.loss.bce_weight, recipe.loss.dice_weight)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.train.grad_clip)
-        optimizer.step()
+        train_step(trainee, batch, recipe)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -76,8 +68,8 @@ def main() -> None:
         peak = {"peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
         where = f"CPU, {torch.get_num_threads()} threads"
     print(json.dumps({
-        "recipe": recipe.name, "image_size": size, "batch": batch, "amp": amp, "device": where,
-        "median_step_s": round(median, 3), "img_s": round(batch / median, 2), **peak,
+        "recipe": recipe.name, "image_size": size, "batch": batch_size, "amp": trainee.amp, "device": where,
+        "median_step_s": round(median, 3), "img_s": round(batch_size / median, 2), **peak,
         "steps_s": [round(t, 3) for t in times],
     }))  # fmt: skip
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 from typing import Callable
 
 import typer
 from rich.console import Console
 
 from shared_ris.errors import SharedRISError
+from shared_ris.fileio import write_text_atomic
 
 console = Console()
 err_console = Console(stderr=True)
@@ -37,3 +40,10 @@ def user_errors(fn: Callable) -> Callable:
             fail("interrupted", code=130)
 
     return wrapper
+
+
+def write_json(path: Path, document: dict) -> None:
+    """Write a report (creating its folder) and say where it went."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(document, indent=2) + "\n")
+    console.print(f"wrote {path}")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -12,9 +10,12 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from shared_ris.distributed import check_gpus, is_main_process, under_torchrun
 from shared_ris.evaluate import PROTOCOLS, RESOLUTIONS, check_eval_inputs, evaluate_run, parse_splits, resolve_protocol
+from shared_ris.visualize import plot_iou_by_size
 
-from .common import console, fail, user_errors
+from .common import console, fail, user_errors, write_json
+from .launch import relaunch
 
 Resolution = Enum("Resolution", {name: name for name in RESOLUTIONS}, type=str)
 Comparison = Enum("Comparison", {"strict": "strict", "inclusive": "inclusive"}, type=str)
@@ -47,16 +48,9 @@ def render_split(split: str, figures: dict, protocol_line: str) -> None:
     console.print(protocol_line, style="dim", highlight=False, soft_wrap=True)
 
 
-def _relaunch(processes: int, args: list[str]) -> None:
-    """Run this same ``sris eval`` on ``processes`` ranks under torchrun and exit with its status."""
-    from shared_ris.distributed import free_port, launch, torchrun_command
-
-    code = launch(torchrun_command(processes, ["eval", *args], master_port=free_port()), processes)
-    raise typer.Exit(code)
-
-
 @user_errors
 def evaluate(
+    ctx: typer.Context,
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A trained run's best.pt or last.pt."),
     data: Path = typer.Option(..., "--data", "-d", help="A folder written by sris prepare."),
     split: str = typer.Option("val", "--split", "-s", help="Split(s) to score, comma-separated, e.g. val,testA,testB."),
@@ -90,20 +84,13 @@ def evaluate(
     if gpus > 1 and nproc > 1:
         fail("give --gpus N (GPUs) or --nproc N (CPU processes), not both")
     processes = max(gpus, nproc)
-    if processes > 1 and "RANK" not in os.environ:  # the launcher: check once, then run N copies of this command
+    if processes > 1 and not under_torchrun():  # the launcher: check once, then run N copies of this command
         if gpus > 1:
-            from shared_ris.distributed import check_gpus
-
             check_gpus(gpus)
         check_eval_inputs(checkpoint, data, splits, tokenizer=tokenizer)
-        args = ["--checkpoint", checkpoint, "--data", data, "--split", ",".join(splits), "--resolution", chosen.resolution,
-                "--precision", "inclusive" if chosen.inclusive else "strict", "--device", "cuda" if gpus > 1 else device or "cpu"]  # fmt: skip
-        optional = {"--threshold": chosen.threshold, "--tokenizer": tokenizer, "--batch-size": batch_size, "--workers": workers,
-                    "--json": json_path, "--save-masks": save_masks, "--plot": plot}  # fmt: skip
-        args += [item for flag, value in optional.items() if value is not None for item in (flag, value)]
-        _relaunch(processes, [str(a) for a in args])
+        relaunch(ctx, processes, device="cuda" if gpus > 1 else device or "cpu")
 
-    is_main = int(os.environ.get("RANK", 0)) == 0
+    is_main = is_main_process()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True, disable=not is_main) as bar:
         tasks: dict[str, TaskID] = {}
@@ -124,14 +111,10 @@ def evaluate(
     for name, figures in report["splits"].items():
         render_split(name, figures, line)
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-        console.print(f"wrote {json_path}")
+        write_json(json_path, report)
     if save_masks is not None:
         console.print(f"masks in {save_masks}/{{split}}/")
     if plot is not None:
-        from shared_ris.visualize import plot_iou_by_size
-
         plot.parent.mkdir(parents=True, exist_ok=True)
         plot_iou_by_size({n: f["by_size"] for n, f in report["splits"].items()}, plot, subtitle=line)
         console.print(f"wrote {plot}")

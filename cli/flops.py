@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +11,7 @@ from rich.table import Table
 from shared_ris import load_recipe
 from shared_ris.flops import count_flops
 
-from .common import RecipeOption, SetOption, console, user_errors
+from .common import RecipeOption, SetOption, console, user_errors, write_json
 
 
 @user_errors
@@ -38,6 +37,4 @@ def flops(
         ops = ", ".join(f"{op} ×{n}" for op, n in sorted(skipped.items()))
         console.print(f"not counted by fvcore (element-wise, cheap): {ops}", style="dim")
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-        console.print(f"wrote {json_path}")
+        write_json(json_path, report)

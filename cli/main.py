@@ -2,6 +2,8 @@
 
 import typer
 
+import shared_ris
+
 from .evaluate import evaluate
 from .flops import flops
 from .predict import predict
@@ -24,8 +26,6 @@ def _root(
 ) -> None:
     """Shared-RIS: referring image segmentation with a single BEiT-3 encoder."""
     if version:
-        import shared_ris
-
         typer.echo(f"shared-ris {shared_ris.__version__}")
         raise typer.Exit()
 

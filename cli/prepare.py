@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from shared_ris.data import export_examples, prepare_combined, prepare_refer, prepare_synthetic
+from shared_ris.data import export_examples, prepare_refer, prepare_synthetic
 
 from .common import console, user_errors
 
@@ -22,7 +22,6 @@ prepare_app = typer.Typer(
 ReferRoot = typer.Option(..., "--refer-root", help="The refer API data folder: refcoco/refs(unc).p, refcoco/instances.json, ...")
 Images = typer.Option(..., "--images", help="COCO train2014/ (COCO_train2014_000000000009.jpg, ...).")
 Out = typer.Option(..., "--out", help="Output folder (one per dataset).")
-Splits = typer.Option(None, "--splits", help="Comma-separated subset, e.g. val,testA (default: all).")
 ShardSize = typer.Option(1000, "--shard-size", min=1, help="Refs per shard.")
 Workers = typer.Option(None, "--workers", min=1, help="Processes writing shards (default: CPU count, at most 8).")
 Limit = typer.Option(None, "--limit", min=1, help="Keep the first N refs of each split (quick trials).")
@@ -76,14 +75,16 @@ def _summary(manifest: dict, out: Path) -> None:
         console.print("nothing skipped")
 
 
-def _refer_command(dataset: str, split_by_default: str, split_by_help: str):
+def _refer_command(dataset: str, split_by_default: str | None, split_by_help: str, splits_help: str, doc: str):
+    """One ``sris prepare`` command of the refer family (the combined set has no --split-by)."""
+
     @user_errors
     def command(
         refer_root: Path = ReferRoot,
         images: Path = Images,
         out: Path = Out,
-        split_by: str = typer.Option(split_by_default, "--split-by", help=split_by_help),
-        splits: Optional[str] = Splits,
+        split_by: Optional[str] = typer.Option(split_by_default, "--split-by", help=split_by_help, hidden=split_by_default is None),
+        splits: Optional[str] = typer.Option(None, "--splits", help=splits_help),
         shard_size: int = ShardSize,
         workers: Optional[int] = Workers,
         limit: Optional[int] = Limit,
@@ -91,39 +92,28 @@ def _refer_command(dataset: str, split_by_default: str, split_by_help: str):
         overwrite: bool = Overwrite,
     ) -> None:
         _run(
-            f"{dataset} ({split_by})", prepare_refer, dataset=dataset, refer_root=refer_root, images_dir=images, out_dir=out,
-            split_by=split_by, splits=splits, shard_size=shard_size, workers=workers, limit=limit, strict=strict, overwrite=overwrite,
-        )
+            f"{dataset} ({split_by})" if split_by else dataset, prepare_refer, dataset=dataset, refer_root=refer_root,
+            images_dir=images, out_dir=out, split_by=split_by, splits=splits, shard_size=shard_size, workers=workers,
+            limit=limit, strict=strict, overwrite=overwrite,
+        )  # fmt: skip
 
-    command.__doc__ = f"{dataset}: refs({split_by_default}).p + instances.json + COCO images → shards."
+    command.__doc__ = doc
     return command
 
 
-prepare_app.command("refcoco")(_refer_command("refcoco", "unc", "unc (train/val/testA/testB) or google."))
-prepare_app.command("refcoco+")(_refer_command("refcoco+", "unc", "unc (train/val/testA/testB)."))
-prepare_app.command("refcocog")(_refer_command("refcocog", "umd", "umd (train/val/test) or google (train/val)."))
-
-
-@prepare_app.command("refcoco-combined")
-@user_errors
-def combined(
-    refer_root: Path = ReferRoot,
-    images: Path = Images,
-    out: Path = Out,
-    splits: Optional[str] = typer.Option(
-        None, "--splits", help="train and/or {dataset}-{split} names (default: train,refcoco-val,refcoco+-val,refcocog-val)."
-    ),
-    shard_size: int = ShardSize,
-    workers: Optional[int] = Workers,
-    limit: Optional[int] = Limit,
-    strict: bool = Strict,
-    overwrite: bool = Overwrite,
-) -> None:
-    """Train on RefCOCO + RefCOCO+ + RefCOCOg, minus every image of any of their val/test splits."""
-    _run(
-        "refcoco-combined", prepare_combined, refer_root=refer_root, images_dir=images, out_dir=out, splits=splits,
-        shard_size=shard_size, workers=workers, limit=limit, strict=strict, overwrite=overwrite,
-    )
+SUBSET = "Comma-separated subset, e.g. val,testA (default: all)."
+for _dataset, _split_by, _split_by_help in (
+    ("refcoco", "unc", "unc (train/val/testA/testB) or google."),
+    ("refcoco+", "unc", "unc (train/val/testA/testB)."),
+    ("refcocog", "umd", "umd (train/val/test) or google (train/val)."),
+):
+    _doc = f"{_dataset}: refs({_split_by}).p + instances.json + COCO images → shards."
+    prepare_app.command(_dataset)(_refer_command(_dataset, _split_by, _split_by_help, SUBSET, _doc))
+prepare_app.command("refcoco-combined")(_refer_command(
+    "refcoco-combined", None, "Fixed: unc for RefCOCO/+, umd for RefCOCOg.",
+    "train and/or {dataset}-{split} names (default: train,refcoco-val,refcoco+-val,refcocog-val).",
+    "Train on RefCOCO + RefCOCO+ + RefCOCOg, minus every image of any of their val/test splits.",
+))  # fmt: skip
 
 
 @prepare_app.command("synthetic")

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from shared_ris.config import load_recipe
-from shared_ris.distributed import check_gpus, free_port, launch, torchrun_command, under_torchrun
+from shared_ris.distributed import check_gpus, is_main_process, under_torchrun
 from shared_ris.train import preflight
 from shared_ris.train import train as run_training
 
 from .common import RecipeOption, SetOption, console, user_errors
+from .launch import relaunch
 
 
 class ProgressView:
@@ -58,6 +58,7 @@ class ProgressView:
 
 @user_errors
 def train(
+    ctx: typer.Context,
     data: Path = typer.Option(..., "--data", "-d", help="Prepared data folder (sris prepare)."),
     recipe: str = RecipeOption,
     out: Path = typer.Option(None, "--out", "-o", help="Run folder [default: runs/RECIPE]."),
@@ -89,22 +90,14 @@ def train(
     preflight(resolved, data, pretrained=pretrained, tokenizer_path=tokenizer, resume=resume, world_size=per_node * nnodes, out_dir=out)
     if per_node * nnodes == 1:
         return _run(resolved, data, out, pretrained, tokenizer, resume, device)
-
-    args = ["train", "--data", str(data), "--recipe", recipe, "--out", str(out)]
-    args += ["--device", device] if device else []  # not --nproc: torchrun's parser takes it for --nproc-per-node
-    for flag, value in (("--pretrained", pretrained), ("--tokenizer", tokenizer), ("--resume", resume)):
-        args += [flag, str(value)] if value is not None else []
-    for override in overrides:
-        args += ["--set", override]
-    port = master_port or (free_port() if nnodes == 1 else 29500)
-    command = torchrun_command(per_node, args, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=port)
-    code = launch(command, per_node, stop_file=out / "last.pt")
-    if code:
-        raise typer.Exit(code)
+    relaunch(
+        ctx, per_node, device=device, out=out, stop_file=out / "last.pt", nnodes=nnodes, node_rank=node_rank,
+        master_addr=master_addr, master_port=master_port,
+    )  # fmt: skip
 
 
 def _run(recipe, data, out, pretrained, tokenizer, resume, device) -> None:
-    if int(os.environ.get("RANK", "0")) != 0:  # other ranks stay quiet
+    if not is_main_process():  # other ranks stay quiet
         run_training(recipe, data, out, pretrained=pretrained, tokenizer_path=tokenizer, resume=resume, device=device)
         return
     with ProgressView() as view:

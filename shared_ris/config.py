@@ -239,9 +239,7 @@ def load_recipe(name_or_path: str | Path = "base", overrides: Iterable[str] = ()
     tree.setdefault("name", name)
     for override in overrides:
         _apply_override(tree, override)
-    recipe = _build(Recipe, tree)
-    validate_recipe(recipe)
-    return recipe
+    return recipe_from_dict(tree)
 
 
 def recipe_from_dict(tree: dict) -> Recipe:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .device import pick_device
 from .errors import SharedRISError
 
 
@@ -46,13 +47,9 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def pick_device(local_rank: int, device: str | torch.device | None = None) -> torch.device:
-    """``device`` if given, else this process's GPU, else the CPU."""
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+def is_main_process() -> bool:
+    """True alone and on torchrun's rank 0: the process that prints and writes reports."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def setup(device: str | torch.device | None = None) -> DistEnv:
@@ -118,7 +115,8 @@ def torchrun_command(
     node_rank: int = 0,
     master_addr: str = "127.0.0.1",
     master_port: int = 29500,
-    module: str = "cli.main",
+    *,
+    module: str,
 ) -> list[str]:
     """``python -m torch.distributed.run … -m MODULE ARGS``: the static-rendezvous torchrun line."""
     return [

@@ -7,7 +7,6 @@ original image size with P@X counting IoU > X; LAVT scores at the 480×480 input
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
@@ -16,26 +15,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .checkpoint import check_run, load_run
+from .data import build_eval_loader
+from .data.manifest import read_manifest, split_info
+from .device import autocast, check_device
+from .distributed import setup, teardown
 from .errors import SharedRISError
 from .metrics import MetricAccumulator
+from .model import logits_to_mask
+from .visualize import save_mask
 
 RESOLUTIONS = ("original", "input")
-
-
-def upsample_probabilities(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(1, h, w) or (h, w) logits → (H, W) float32 probabilities: bilinear resize, then sigmoid.
-
-    The sigmoid runs in place on the resized map, so a 12-MP image costs one float map, not two.
-    """
-    logits = logits.reshape(1, 1, *logits.shape[-2:]).float()
-    if tuple(logits.shape[-2:]) != tuple(size):
-        return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)[0, 0].sigmoid_()
-    return logits[0, 0].sigmoid()
-
-
-def logits_to_mask(logits: torch.Tensor, size: tuple[int, int], threshold: float) -> torch.Tensor:
-    """(1, h, w) or (h, w) logits → boolean mask at ``size``: bilinear resize, then σ > τ."""
-    return upsample_probabilities(logits, size) > threshold
 
 
 @dataclass(frozen=True)
@@ -90,13 +80,6 @@ def resolve_protocol(
         raise SharedRISError(f"unknown protocol {preset!r}; choose one of {', '.join(PROTOCOLS)}")
     given = {"resolution": resolution, "threshold": threshold, "inclusive": inclusive}
     return replace(PROTOCOLS[preset], **{k: v for k, v in given.items() if v is not None})
-
-
-def autocast(device: torch.device, amp: str):
-    """bf16 / fp16 autocast on CUDA, as the recipe's ``train.amp`` says; a no-op on the CPU."""
-    if device.type == "cuda" and amp in ("bf16", "fp16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-    return contextlib.nullcontext()
 
 
 def _is_distributed() -> bool:
@@ -182,8 +165,6 @@ def _split_progress(progress, split: str, total: int | None) -> Callable[[int], 
 
 
 def _mask_saver(folder: Path) -> Callable[[str, int, torch.Tensor], None]:
-    from .visualize import save_mask
-
     folder.mkdir(parents=True, exist_ok=True)
 
     def save(key: str, sent_id: int, mask: torch.Tensor) -> None:
@@ -219,46 +200,37 @@ def evaluate_run(
     equal to the single-process ones to the last digit. ``progress(split, done, total)`` is called
     per batch with the expressions scored so far (``total`` is None when unknown).
     """
-    from .checkpoint_io import load_run
-    from .data import build_eval_loader
-    from .distributed import setup, teardown
-
     split_names = parse_splits(splits)
     protocol = Protocol(resolution, threshold, inclusive)
-    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise SharedRISError(f"--device {device} asked for, but CUDA is not available; use --device cpu")
+    check_device(device)
     joined_here = not (dist.is_available() and dist.is_initialized())
     env = setup(None if device in (None, "cuda") else device)
     try:
         model, recipe, text_tokenizer = load_run(checkpoint, tokenizer, device=env.device, data_dir=data_dir)
-        tau = recipe.model.threshold if protocol.threshold is None else protocol.threshold
+        if protocol.threshold is None:
+            protocol = replace(protocol, threshold=recipe.model.threshold)
         loaders = {  # built up front, so a missing split fails before the first one is scored
             split: build_eval_loader(
                 data_dir, split, recipe, text_tokenizer, rank=env.rank, world_size=env.world_size,
                 num_workers=num_workers, batch_size=batch_size,
             )
             for split in split_names
-        }
+        }  # fmt: skip
         results = {}
         for split, loader in loaders.items():
+            total = loader.sentences if env.world_size == 1 else None
             acc = evaluate_model(
-                model,
-                loader,
-                threshold=tau,
-                resolution=protocol.resolution,
-                device=env.device,
-                amp=recipe.train.amp,
-                progress=_split_progress(progress, split, getattr(loader, "sentences", None) if env.world_size == 1 else None),
+                model, loader, threshold=protocol.threshold, resolution=protocol.resolution, device=env.device,
+                amp=recipe.train.amp, progress=_split_progress(progress, split, total),
                 on_mask=_mask_saver(Path(save_masks) / split) if save_masks is not None else None,
-            )
+            )  # fmt: skip
             results[split] = acc.summary(inclusive=protocol.inclusive)
     finally:
         if joined_here:
             teardown(env)
-    resolved = Protocol(protocol.resolution, tau, protocol.inclusive)
     return {
         "checkpoint": str(checkpoint),
-        "protocol": {**resolved.to_dict(), "image_size": recipe.model.image_size, "description": resolved.describe(recipe.model.image_size)},
+        "protocol": {**protocol.to_dict(), "image_size": recipe.model.image_size, "description": protocol.describe(recipe.model.image_size)},
         "splits": results,
     }
 
@@ -266,9 +238,6 @@ def evaluate_run(
 def check_eval_inputs(checkpoint: str | Path, data_dir: str | Path, splits: str | Iterable[str], *, tokenizer: str | Path | None = None) -> None:
     """The checks :func:`evaluate_run` would fail on first (checkpoint, tokenizer, every split), without
     loading the weights: a launcher calls it so that a bad path fails once, not on every rank."""
-    from .checkpoint_io import check_run
-    from .data.manifest import read_manifest, split_info
-
     names = parse_splits(splits)
     check_run(checkpoint, tokenizer, data_dir=data_dir)
     manifest = read_manifest(data_dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
 
 from .errors import SharedRISError
@@ -30,8 +31,6 @@ class Tokenizer:
     """
 
     def __init__(self, spm_path: str | Path, max_len: int = 20) -> None:
-        import sentencepiece as spm
-
         path = Path(spm_path)
         if not path.is_file():
             raise TokenizerError(f"{path}: tokenizer file not found; pass --tokenizer beit3.spm (or the synthetic set's spm.model)")

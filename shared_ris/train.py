@@ -3,37 +3,38 @@ checkpoints, teardown (nanoGPT style; no trainer framework).
 
 ``train()`` is the door for the CLI and for Python: it checks the inputs, joins the process group
 torchrun describes (or runs alone), builds the shard loaders and calls :func:`train_loop`, which
-takes any :class:`DataSource`, so tests can drive it with in-memory batches.
+takes any :class:`DataSource`, so tests can drive it with in-memory batches. :func:`train_step`
+is one optimizer step, the same one ``benchmarks/train_step.py`` times.
 
-Run folder: ``recipe.yaml`` (the resolved recipe), ``metrics.jsonl`` (one JSON object per log line),
-``last.pt`` and ``best.pt`` (best validation oIoU); see :mod:`shared_ris.train_state`.
+Run folder: see :mod:`shared_ris.run_folder`; checkpoints: :mod:`shared_ris.checkpoint`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import signal
-import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from .checkpoint import load_checkpoint, load_tokenizer
 from .config import Recipe
 from .data import build_eval_loader, build_train_loader, read_manifest
 from .data.manifest import is_remote, split_info
-from .distributed import DistEnv, gather_objects, setup, sum_across_ranks, teardown
+from .device import amp_for, autocast
+from .distributed import DistEnv, setup, sum_across_ranks, teardown
 from .errors import SharedRISError
-from .evaluate import autocast
 from .evaluate import evaluate_model
 from .layers.sync_batchnorm import convert_sync_batchnorm
-from .model import build_model, segmentation_loss
+from .model import SharedRIS, build_model, segmentation_loss
 from .optim import build_optimizer, lr_at, set_lr
+from .run_folder import RunFolder
+from .stop_signal import StopOnSignal
 from .tokenizer import Tokenizer
-from .train_state import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .train_state import RunState, set_rng_state
 
 Progress = Callable[[dict], None]
 VAL_KEYS = ("oIoU", "mIoU", "P@0.5", "P@0.7", "P@0.9", "n")
@@ -45,6 +46,13 @@ class TrainError(SharedRISError):
 
 class NonFiniteLossError(TrainError):
     """The loss became NaN or infinite; ``last.pt`` holds the state just before that step."""
+
+    @classmethod
+    def at(cls, loss: float, state: RunState, saved: Path) -> "NonFiniteLossError":
+        return cls(
+            f"loss is {loss} at step {state.step + 1} (epoch {state.epoch}); saved {saved} at step {state.step}; "
+            "lower train.lr or check the data, then --resume auto"
+        )
 
 
 class DataSource(Protocol):
@@ -110,12 +118,7 @@ def preflight(
     tokenizer_path = tokenizer_path or default_tokenizer_path(data_dir)
     if tokenizer_path is None:
         raise TrainError(f"no tokenizer: pass --tokenizer beit3.spm ({data_dir} has no spm.model)")
-    tokenizer = Tokenizer(tokenizer_path, max_len=recipe.model.max_text_len)
-    if tokenizer.vocab_size > recipe.model.encoder.vocab_size:
-        raise TrainError(
-            f"{tokenizer_path} has {tokenizer.vocab_size} ids but model.encoder.vocab_size is "
-            f"{recipe.model.encoder.vocab_size}; use the matching tokenizer or raise model.encoder.vocab_size"
-        )
+    tokenizer = load_tokenizer(tokenizer_path, recipe)
     if pretrained is not None and not Path(pretrained).is_file():
         raise TrainError(f"{pretrained}: pretrained file not found; download beit3_base_patch16_224.pth from the BEiT-3 README")
     if resume not in (None, "auto") and not Path(resume).is_file():
@@ -157,55 +160,6 @@ def train(
         teardown(env)
 
 
-class StopOnSignal:
-    """SIGTERM / SIGINT set ``requested``; the loop finishes its step, saves and returns.
-
-    A signal arriving more than ``patience`` seconds after the first stops at once
-    (KeyboardInterrupt): an impatient second Ctrl-C. Copies of the first that arrive together
-    (the terminal, torchrun and SLURM may each deliver one) only repeat the request.
-    Handlers are only installed from the main thread.
-    """
-
-    def __init__(self, patience: float = 5.0) -> None:
-        self.requested = False
-        self.patience = patience
-        self._first = 0.0
-        self._previous: dict = {}
-
-    def _handle(self, signum, _frame) -> None:
-        if self.requested and time.monotonic() - self._first > self.patience:
-            raise KeyboardInterrupt
-        if not self.requested:
-            self.requested, self._first = True, time.monotonic()
-
-    def __enter__(self) -> "StopOnSignal":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-
-class MetricsLog:
-    """Append JSON lines to ``metrics.jsonl`` (rank 0 only). On resume, lines past the resumed step
-    (written after the checkpoint by a run that then died) are dropped, so the log stays one history."""
-
-    def __init__(self, path: Path, enabled: bool, resumed_step: int | None) -> None:
-        self.path, self.enabled = path, enabled
-        if enabled and resumed_step is not None and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resumed_step]
-            path.write_text("".join(line + "\n" for line in kept))
-        elif enabled:
-            path.write_text("")
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
 def rng_neutral(batches: Iterable[dict]) -> Iterator[dict]:
     """Yield ``batches`` without letting them touch the global torch RNG.
 
@@ -223,181 +177,196 @@ def rng_neutral(batches: Iterable[dict]) -> Iterator[dict]:
         yield batch
 
 
-def resolve_resume(resume: str | Path | None, out_dir: Path) -> Path | None:
-    if resume == "auto":
-        last = out_dir / "last.pt"
-        return last if last.is_file() else None
-    return Path(resume) if resume is not None else None
+@dataclass
+class Trainee:
+    """The objects one step updates: the model, its DDP wrapper (the model itself when alone),
+    AdamW, the fp16 loss scaler (disabled otherwise), and where and how precisely it runs."""
+
+    model: SharedRIS
+    ddp: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp: str
+
+    def state_dicts(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
+
+
+def build_trainee(recipe: Recipe, env: DistEnv, pretrained: str | Path | None, notify: Progress) -> Trainee:
+    """The same initial weights on every rank (DDP also broadcasts rank 0's when it wraps)."""
+    torch.manual_seed(recipe.train.seed)
+    model = build_model(recipe)
+    if pretrained is not None:
+        notify({"event": "message", "text": model.load_pretrained(pretrained, verbose=False).summary()})
+    if env.distributed and recipe.train.sync_bn:
+        model = convert_sync_batchnorm(model, env.device)
+    model.to(env.device)
+    optimizer = build_optimizer(model, recipe.train)
+    amp = amp_for(env.device, recipe.train.amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
+    return Trainee(model, model, optimizer, scaler, env.device, amp)
+
+
+def resume_from(path: Path, trainee: Trainee, recipe: Recipe, env: DistEnv, notify: Progress) -> RunState:
+    """Weights, optimizer, counters, best score and this rank's RNG from a checkpoint."""
+    checkpoint = load_checkpoint(path)
+    try:
+        trainee.model.load_state_dict(checkpoint["model"])
+        trainee.optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0][:160]
+        raise TrainError(f"{path} does not fit this recipe's model ({first}); resume with the recipe it was saved with") from None
+    trainee.scaler.load_state_dict(checkpoint["scaler"])
+    state = RunState.from_checkpoint(checkpoint)
+    message = f"resumed from {path} at step {state.step}"
+    if len(checkpoint["rng"]) == env.world_size:
+        set_rng_state(checkpoint["rng"][env.rank])
+    else:
+        message += f"; saved by {len(checkpoint['rng'])} processes, so drop path will not repeat exactly"
+    changed = _changed_keys(checkpoint["recipe"], recipe.to_dict())
+    notify({"event": "message", "text": message + (f"; recipe keys changed: {', '.join(changed)}" if changed else "")})
+    return state
+
+
+def train_step(trainee: Trainee, batch: dict, recipe: Recipe, env: DistEnv = DistEnv(), stop_requested: bool = False) -> dict:
+    """One optimizer step on this rank's ``batch``; every rank calls it together.
+
+    Forward under autocast, 2·BCE + 0.5·Dice, one all-reduce of the losses and the stop vote, then
+    (only when the global loss is finite) backward, clipping and AdamW. Returns the global mean
+    ``loss`` / ``bce`` / ``dice``, ``stop`` (a rank was asked to stop) and ``finite`` (False: no update).
+    """
+    device = trainee.device
+    with autocast(device, trainee.amp):
+        logits = trainee.ddp(
+            batch["images"].to(device, non_blocking=True),
+            batch["text_ids"].to(device, non_blocking=True),
+            batch["text_padding_mask"].to(device, non_blocking=True),
+        )
+    losses = segmentation_loss(logits, batch["masks"].to(device), recipe.loss.bce_weight, recipe.loss.dice_weight)
+    loss_sum, bce_sum, dice_sum, stop_votes = sum_across_ranks(
+        [losses["loss"].item(), losses["bce"].item(), losses["dice"].item(), float(stop_requested)], env
+    )
+    finite = math.isfinite(loss_sum)
+    if finite:
+        trainee.optimizer.zero_grad(set_to_none=True)
+        trainee.scaler.scale(losses["loss"]).backward()
+        if recipe.train.grad_clip > 0:
+            trainee.scaler.unscale_(trainee.optimizer)
+            torch.nn.utils.clip_grad_norm_(trainee.model.parameters(), recipe.train.grad_clip)
+        trainee.scaler.step(trainee.optimizer)
+        trainee.scaler.update()
+    n = env.world_size
+    return {"loss": loss_sum / n, "bce": bce_sum / n, "dice": dice_sum / n, "stop": stop_votes > 0, "finite": finite}
+
+
+def validate(trainee: Trainee, batches: Iterable[dict], recipe: Recipe) -> dict:
+    """Score every val expression with ``sris eval``'s default protocol → {oIoU, mIoU, P@X, n}."""
+    summary = evaluate_model(
+        trainee.model, batches, threshold=recipe.model.threshold, resolution="original", device=trainee.device, amp=trainee.amp
+    ).summary()
+    return {k: summary[k] for k in VAL_KEYS}
+
+
+def validate_and_save(run: RunFolder, trainee: Trainee, data: DataSource, recipe: Recipe, state: RunState, notify: Progress) -> dict | None:
+    """Validate (when ``data`` has a val split), log the figures, save ``last.pt`` and, on a new best
+    oIoU, ``best.pt``. Returns the figures or None."""
+    batches = data.val_batches()
+    figures = None
+    if batches is not None:
+        notify({"event": "val_start", "step": state.step})
+        figures = validate(trainee, batches, recipe)
+        run.log({"epoch": state.epoch, "step": state.step, "split": recipe.data.val_split, **figures})
+        notify({"event": "val", "epoch": state.epoch, "step": state.step, **figures})
+    improved = figures is not None and state.record_val(figures["oIoU"])
+    run.save(["last.pt", "best.pt"] if improved else ["last.pt"], trainee.state_dicts(), state)
+    return figures
+
+
+class Throughput:
+    """Global images/s between log lines."""
+
+    def __init__(self, images_per_step: int, step: int) -> None:
+        self.images_per_step = images_per_step
+        self.reset(step)
+
+    def reset(self, step: int) -> None:
+        self.tick, self.step = time.perf_counter(), step
+
+    def rate(self, step: int) -> float:
+        now = time.perf_counter()
+        rate = self.images_per_step * (step - self.step) / max(now - self.tick, 1e-9)
+        self.tick, self.step = now, step
+        return rate
+
+
+def total_train_steps(cfg, steps_per_epoch: int) -> int:
+    if steps_per_epoch < 1:
+        raise TrainError("the training split yields no batch per process; lower train.batch_size or use fewer processes")
+    total = cfg.epochs * steps_per_epoch
+    return min(total, cfg.max_steps) if cfg.max_steps > 0 else total
 
 
 def train_loop(
-    recipe: Recipe,
-    data: DataSource,
-    out_dir: str | Path,
-    *,
-    env: DistEnv = DistEnv(),
-    pretrained: str | Path | None = None,
-    resume: str | Path | None = None,
-    progress: Progress | None = None,
-    tokenizer_path: str | None = None,
+    recipe: Recipe, data: DataSource, out_dir: str | Path, *, env: DistEnv = DistEnv(), pretrained: str | Path | None = None,
+    resume: str | Path | None = None, progress: Progress | None = None, tokenizer_path: str | None = None,
 ) -> dict:
     """The training loop. Every rank calls it with its own ``data``; rank 0 writes the run folder.
 
     Returns {"step", "epoch", "best_oiou", "val", "stopped", "out_dir", "wall_s"}; raises
     :class:`NonFiniteLossError` (after saving ``last.pt``) when the loss is not finite.
     """
-    cfg, device, started = recipe.train, env.device, time.time()
-    if device.type == "cpu":
+    cfg, started = recipe.train, time.time()
+    if env.device.type == "cpu":
         torch.set_flush_denormal(True)  # denormal activations and Adam moments made CPU steps up to 100× slower
-    out_dir = Path(out_dir)
     notify = progress if (progress is not None and env.is_main) else (lambda event: None)
-    if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "recipe.yaml").write_text(recipe.to_yaml())
-
-    # model: the same initial weights on every rank (DDP also broadcasts rank 0's at wrap time)
-    torch.manual_seed(cfg.seed)
-    model = build_model(recipe)
-    checkpoint_path = resolve_resume(resume, out_dir)
-    if pretrained is not None and checkpoint_path is None:
-        notify({"event": "message", "text": model.load_pretrained(pretrained, verbose=False).summary()})
-    if env.distributed and cfg.sync_bn:
-        model = convert_sync_batchnorm(model, device)
-    model.to(device)
-    optimizer = build_optimizer(model, cfg)
-    amp = cfg.amp if device.type == "cuda" else "fp32"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
-
-    steps_per_epoch = data.steps_per_epoch
-    if steps_per_epoch < 1:
-        raise TrainError("the training split yields no batch per process; lower train.batch_size or use fewer processes")
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps > 0:
-        total_steps = min(total_steps, cfg.max_steps)
-
-    # resume: weights, optimizer, step, best score and this rank's RNG; the data order follows (epoch, epoch_step)
-    step, epoch, epoch_step, best_oiou = 0, 0, 0, -1.0
+    run = RunFolder(out_dir, recipe, env, tokenizer_path)
+    checkpoint_path = run.resume_path(resume)
+    trainee = build_trainee(recipe, env, pretrained if checkpoint_path is None else None, notify)
+    total_steps = total_train_steps(cfg, data.steps_per_epoch)
     torch.manual_seed(cfg.seed + env.rank)  # drop path differs across ranks, repeatably
-    if checkpoint_path is not None:
-        state = load_checkpoint(checkpoint_path)
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0][:160]
-            raise TrainError(f"{checkpoint_path} does not fit this recipe's model ({first}); resume with the recipe it was saved with") from None
-        scaler.load_state_dict(state["scaler"])
-        step, epoch, epoch_step, best_oiou = state["step"], state["epoch"], state["epoch_step"], state["best_oiou"]
-        message = f"resumed from {checkpoint_path} at step {step}"
-        if len(state["rng"]) == env.world_size:
-            set_rng_state(state["rng"][env.rank])
-        else:
-            message += f"; saved by {len(state['rng'])} processes, so drop path will not repeat exactly"
-        changed = _changed_keys(state["recipe"], recipe.to_dict())
-        notify({"event": "message", "text": message + (f"; recipe keys changed: {', '.join(changed)}" if changed else "")})
-    log = MetricsLog(out_dir / "metrics.jsonl", env.is_main, step if checkpoint_path is not None else None)
-    ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if env.distributed else model
+    state = resume_from(checkpoint_path, trainee, recipe, env, notify) if checkpoint_path else RunState()
+    run.open_log(state.step if checkpoint_path else None)
+    if env.distributed:
+        trainee.ddp = DistributedDataParallel(trainee.model, device_ids=[env.device] if env.device.type == "cuda" else None)
+    notify({"event": "start", "step": state.step, "total_steps": total_steps, "steps_per_epoch": data.steps_per_epoch, "world_size": env.world_size})
 
-    def checkpoint(*names: str) -> None:
-        rngs = gather_objects(rng_state(), env)  # a collective: every rank calls it
-        if env.is_main:
-            state = {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch, "epoch_step": epoch_step, "step": step, "best_oiou": best_oiou,
-                "rng": rngs, "recipe": recipe.to_dict(), "tokenizer_path": tokenizer_path,
-            }  # fmt: skip
-            for name in names:
-                save_checkpoint(state, out_dir / name)
-
-    last_val: dict | None = None
-    val_step = -1
-
-    def validate() -> bool:
-        """Score every val expression; True when oIoU is a new best."""
-        nonlocal best_oiou, last_val, val_step
-        batches = data.val_batches()
-        if batches is None:
-            return False
-        notify({"event": "val_start", "step": step})
-        summary = evaluate_model(model, batches, threshold=recipe.model.threshold, resolution="original", device=device, amp=amp)
-        last_val = {k: summary.summary()[k] for k in VAL_KEYS}
-        val_step = step
-        log.write({"epoch": epoch, "step": step, "split": recipe.data.val_split, **last_val})
-        notify({"event": "val", "epoch": epoch, "step": step, **last_val})
-        improved = last_val["oIoU"] > best_oiou
-        best_oiou = max(best_oiou, last_val["oIoU"])
-        return improved
-
-    notify({
-        "event": "start", "step": step, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-        "world_size": env.world_size,
-    })  # fmt: skip
-    model.train()
-    stopped = False
-    images_per_step = cfg.batch_size * env.world_size
-    tick, ticked_step = time.perf_counter(), step
+    trainee.model.train()
+    stopped, val, val_step = False, None, -1
+    meter = Throughput(cfg.batch_size * env.world_size, state.step)
     with StopOnSignal() as stop:
-        while step < total_steps and not stopped:
-            for batch in rng_neutral(data.train_batches(epoch, epoch_step)):
-                lr = lr_at(step, total_steps, cfg)
-                set_lr(optimizer, lr)
-                with autocast(device, amp):
-                    logits = ddp(
-                        batch["images"].to(device, non_blocking=True),
-                        batch["text_ids"].to(device, non_blocking=True),
-                        batch["text_padding_mask"].to(device, non_blocking=True),
-                    )
-                losses = segmentation_loss(logits, batch["masks"].to(device), recipe.loss.bce_weight, recipe.loss.dice_weight)
-                # one collective per step: the global mean losses and whether any rank was asked to stop
-                loss_sum, bce_sum, dice_sum, stop_votes = sum_across_ranks(
-                    [losses["loss"].item(), losses["bce"].item(), losses["dice"].item(), float(stop.requested)], env
-                )
-                if not math.isfinite(loss_sum):
-                    checkpoint("last.pt")
-                    raise NonFiniteLossError(
-                        f"loss is {loss_sum / env.world_size} at step {step + 1} (epoch {epoch}); saved {out_dir / 'last.pt'} "
-                        f"at step {step}; lower train.lr or check the data, then --resume auto"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(losses["loss"]).backward()
-                if cfg.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                step, epoch_step = step + 1, epoch_step + 1
-
-                record = {
-                    "step": step, "epoch": epoch, "loss": loss_sum / env.world_size, "bce": bce_sum / env.world_size,
-                    "dice": dice_sum / env.world_size, "lr": lr,
-                }  # fmt: skip
-                stopped = stop_votes > 0
-                if step % cfg.log_every == 0 or step == total_steps or stopped:
-                    now = time.perf_counter()
-                    record["img_s"] = images_per_step * (step - ticked_step) / max(now - tick, 1e-9)
-                    tick, ticked_step = now, step
-                    log.write(record)
+        while state.step < total_steps and not stopped:
+            for batch in rng_neutral(data.train_batches(state.epoch, state.epoch_step)):
+                lr = lr_at(state.step, total_steps, cfg)
+                set_lr(trainee.optimizer, lr)
+                out = train_step(trainee, batch, recipe, env, stop.requested)
+                if not out["finite"]:  # no update was made: save the state before this step and stop
+                    run.save(["last.pt"], trainee.state_dicts(), state)
+                    raise NonFiniteLossError.at(out["loss"], state, run.path / "last.pt")
+                state.advance()
+                stopped = out["stop"]
+                record = {"step": state.step, "epoch": state.epoch, "loss": out["loss"], "bce": out["bce"], "dice": out["dice"], "lr": lr}
+                if state.step % cfg.log_every == 0 or state.step == total_steps or stopped:
+                    record["img_s"] = meter.rate(state.step)
+                    run.log(record)
                 notify({"event": "step", **record, "total_steps": total_steps})
-                if stopped or step >= total_steps:
+                if stopped or state.step >= total_steps:
                     break
             if stopped:
-                checkpoint("last.pt")
+                run.save(["last.pt"], trainee.state_dicts(), state)
                 break
-            if epoch_step >= steps_per_epoch:  # an epoch is complete: continue from the next one
-                epoch, epoch_step = epoch + 1, 0
-                if epoch % cfg.eval_every == 0 or step >= total_steps:
-                    improved = validate()
-                    checkpoint("last.pt", *(["best.pt"] if improved else []))
+            if state.epoch_step >= data.steps_per_epoch:  # an epoch is complete: continue from the next one
+                state.next_epoch()
+                if state.epoch % cfg.eval_every == 0 or state.step >= total_steps:
+                    val, val_step = validate_and_save(run, trainee, data, recipe, state, notify), state.step
                 else:
-                    checkpoint("last.pt")
-                tick, ticked_step = time.perf_counter(), step
-
-        if not stopped and val_step != step:  # max_steps ended mid-epoch: score the final weights too
-            improved = validate()
-            checkpoint("last.pt", *(["best.pt"] if improved else []))
+                    run.save(["last.pt"], trainee.state_dicts(), state)
+                meter.reset(state.step)
+        if not stopped and val_step != state.step:  # max_steps ended mid-epoch: score the final weights too
+            val = validate_and_save(run, trainee, data, recipe, state, notify)
     summary = {
-        "step": step, "epoch": epoch, "best_oiou": best_oiou, "val": last_val, "stopped": stopped,
-        "out_dir": str(out_dir), "wall_s": time.time() - started,
+        "step": state.step, "epoch": state.epoch, "best_oiou": state.best_oiou, "val": val, "stopped": stopped,
+        "out_dir": str(run.path), "wall_s": time.time() - started,
     }  # fmt: skip
     notify({"event": "end", **summary})
     return summary

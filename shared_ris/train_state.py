@@ -1,27 +1,48 @@
-"""Training checkpoints: one plain dict, written atomically, read back with ``weights_only=True``.
+"""Where a training run stands: its counters and every random generator, as checkpoint values.
 
-{"model", "optimizer", "scaler", "epoch", "epoch_step", "step", "best_oiou", "rng", "recipe",
-"tokenizer_path", "version"}
 ``epoch`` is the epoch to continue and ``epoch_step`` the batches of it already trained, so a
 resumed run asks the loader for batch ``epoch_step`` of epoch ``epoch``. The learning rate is a
-pure function of ``step``, so the step is the scheduler's whole state. ``rng`` holds one entry
-per rank (drop path draws from it); every value is a tensor, number, string or plain container.
+pure function of ``step``, so the step is the scheduler's whole state. Every value is a tensor,
+number, string or plain container, so checkpoints load with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
-import os
 import random
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from .model import CheckpointError
-from .model.checkpoint import load_torch_file
 
-CHECKPOINT_VERSION = 1
-REQUIRED_KEYS = ("model", "optimizer", "epoch", "epoch_step", "step", "best_oiou", "rng", "recipe")
+@dataclass
+class RunState:
+    """The loop's counters and its best validation oIoU so far (-1 before any validation)."""
+
+    step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0
+    best_oiou: float = -1.0
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict) -> "RunState":
+        return cls(checkpoint["step"], checkpoint["epoch"], checkpoint["epoch_step"], checkpoint["best_oiou"])
+
+    def to_checkpoint(self) -> dict:
+        return asdict(self)
+
+    def advance(self) -> None:
+        """One optimizer step done."""
+        self.step, self.epoch_step = self.step + 1, self.epoch_step + 1
+
+    def next_epoch(self) -> None:
+        self.epoch, self.epoch_step = self.epoch + 1, 0
+
+    def record_val(self, oiou: float) -> bool:
+        """Keep the best oIoU; True when ``oiou`` is a new best."""
+        improved = oiou > self.best_oiou
+        self.best_oiou = max(self.best_oiou, oiou)
+        return improved
 
 
 def rng_state() -> dict:
@@ -43,23 +64,3 @@ def set_rng_state(state: dict) -> None:
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     random.setstate(tuple(tuple(part) if isinstance(part, list) else part for part in state["python"]))
-
-
-def save_checkpoint(state: dict, path: str | Path) -> None:
-    """Write to ``path.tmp``, flush to disk, then rename over ``path``: a reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({**state, "version": CHECKPOINT_VERSION}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a training checkpoint on the CPU; one-line :class:`CheckpointError` if it is not one."""
-    state = load_torch_file(path, "use --resume auto or a path to last.pt")
-    missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise CheckpointError(f"{path}: not a Shared-RIS training checkpoint (no {missing[0]!r}); pass last.pt or best.pt")
-    return state

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import shared_ris
+from shared_ris.checkpoint import save_trained
 from shared_ris.data.synthetic import train_tokenizer
 
 
@@ -24,8 +25,7 @@ def make_trained_run(folder: Path, seed: int = 0, overrides: tuple[str, ...] = (
     recipe = shared_ris.load_recipe("tiny", list(overrides))
     torch.manual_seed(seed)
     model = shared_ris.build_model(recipe)
-    checkpoint = folder / "best.pt"
-    torch.save({"model": model.state_dict(), "recipe": recipe.to_dict(), "epoch": 1, "step": 10}, checkpoint)
+    checkpoint = save_trained(model, recipe, folder / "best.pt", epoch=1, step=10)
     train_tokenizer(folder / "spm.model")
     return checkpoint
 

@@ -37,9 +37,13 @@ def test_attention_module_paths_agree():
     pad = torch.zeros(2, 11, dtype=torch.bool)
     pad[1, 7:] = True
     out_fast = attn(x, pad)
-    out_naive, weights = attn(x, pad, return_weights=True)
+    q, k, v = (t.view(2, 11, 4, 8).transpose(1, 2) for t in attn.qkv(x).chunk(3, dim=-1))
+    out_naive, expected_weights = attention_naive(q, k, v, pad)
+    out_naive = attn.proj(out_naive.transpose(1, 2).reshape(2, 11, 32))
     torch.testing.assert_close(out_fast, out_naive, atol=1e-5, rtol=0)
+    weights = attn.attention_weights(x, pad)
     assert weights.shape == (2, 4, 11, 11)
+    torch.testing.assert_close(weights, expected_weights, atol=0, rtol=0)
 
 
 def test_multiway_routes_tokens_by_modality():

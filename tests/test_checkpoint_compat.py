@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from shared_ris.checkpoint_io import load_run
+from shared_ris.checkpoint import load_run
 from shared_ris.train import train_loop
 from test_train import MemoryData, losses, small_recipe
 

@@ -1,4 +1,4 @@
-"""``prepare_refer`` / ``prepare_combined`` on a miniature RefCOCO in the real formats."""
+"""``prepare_refer`` (each dataset and the combined set) on a miniature RefCOCO in the real formats."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from refer_fixture import ANNS, IMAGES, NON_ASCII_UNICODE, NON_ASCII_UTF8, build_refer_fixture, py2_dumps
-from shared_ris.data import DataError, UnsafePickleError, load_pickle, prepare_combined, prepare_refer, read_manifest
+from shared_ris.data import DataError, UnsafePickleError, load_pickle, prepare_refer, read_manifest
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools on numpy 2
 SPLITS = {("refcoco", "unc"): ["train", "val", "testA", "testB"], ("refcocog", "umd"): ["train", "val", "test"], ("refcocog", "google"): ["train", "val"]}
@@ -240,7 +240,7 @@ def test_read_manifest_without_preparation(tmp_path):
 
 
 def test_combined_excludes_every_held_out_image(fixture, tmp_path):
-    manifest = prepare_combined(fixture.refer_root, fixture.images_dir, tmp_path, shard_size=3, workers=1)
+    manifest = prepare_refer("refcoco-combined", fixture.refer_root, fixture.images_dir, tmp_path, shard_size=3, workers=1)
     held = fixture.held_out_images()
     train = [json.loads(s["json"]) for s in read_split(tmp_path, manifest, "train")]
     assert train and not {m["image_id"] for m in train} & held

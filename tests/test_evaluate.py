@@ -13,7 +13,8 @@ from fixtures_predict import make_trained_run
 from shard_reading import all_sentences
 from shared_ris.data import prepare_synthetic
 from shared_ris.errors import SharedRISError
-from shared_ris.evaluate import PROTOCOLS, Protocol, evaluate_model, evaluate_run, logits_to_mask, resolve_protocol
+from shared_ris.evaluate import PROTOCOLS, Protocol, evaluate_model, evaluate_run, resolve_protocol
+from shared_ris.model import logits_to_mask
 
 runner = CliRunner()
 

@@ -58,7 +58,7 @@ def test_attention_maps_path_equals_fast_path():
     mask[1, 3:] = True
     with torch.no_grad():
         fast = model(images, ids, mask)
-        slow, maps = model(images, ids, mask, return_attention=True)
+        slow, maps = model.attention_maps(images, ids, mask)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=0)
     assert set(maps) == {"encoder", "fpn", "decoder"}
     for m in maps.values():
@@ -104,7 +104,7 @@ def test_layers_past_the_deepest_fpn_stage_are_skipped_and_frozen():
         padding = model.beit3.sequence_padding_mask(pad)
         full = model.decoder(model.fpn(states, padding), padding, model.beit3.num_vision_tokens)
         torch.testing.assert_close(model(images, ids, pad), full)
-        _, maps = model(images, ids, pad, return_attention=True)
+        _, maps = model.attention_maps(images, ids, pad)
     assert maps["encoder"].shape == (2, 4, 4)
 
 

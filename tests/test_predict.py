@@ -8,10 +8,11 @@ import torch
 from PIL import Image
 
 from fixtures_predict import READABLE, UNREADABLE, gradient, make_trained_run, trained_run, write_image_zoo  # noqa: F401
-from shared_ris.checkpoint_io import load_run
+from shared_ris.checkpoint import load_run
 from shared_ris.errors import SharedRISError
-from shared_ris.evaluate import logits_to_mask
-from shared_ris.predict import ImageReadError, Predictor, open_image, predict_folder, read_prompts
+from shared_ris.model import logits_to_mask
+from shared_ris.predict import predict_folder, read_prompts
+from shared_ris.predictor import ImageReadError, Predictor, open_image
 
 
 @pytest.fixture(scope="module")

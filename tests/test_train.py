@@ -17,7 +17,8 @@ from shared_ris.config import TrainConfig, recipe_from_dict
 from shared_ris.distributed import DistEnv, free_port, setup, teardown
 from shared_ris.optim import build_optimizer, lr_at, param_groups
 from shared_ris.train import NonFiniteLossError, StopOnSignal, train_loop
-from shared_ris.train_state import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from shared_ris.checkpoint import load_checkpoint, save_checkpoint
+from shared_ris.train_state import rng_state, set_rng_state
 
 # A Shared-RIS small enough that a step takes milliseconds on one CPU core.
 SMALL = [

@@ -19,7 +19,7 @@ from cli.main import app
 from shared_ris import load_recipe
 from shared_ris.data import prepare_synthetic, read_manifest
 from shared_ris.train import train
-from shared_ris.train_state import load_checkpoint
+from shared_ris.checkpoint import load_checkpoint
 
 # The tiny recipe, smaller still: a step takes tens of milliseconds.
 SMALL = [

@@ -9,10 +9,12 @@ training node needs nothing on its own disk.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
+import webdataset as wds
+
+from ..fileio import write_text_atomic
 from .errors import DataError
 
 MANIFEST = "manifest.json"
@@ -43,11 +45,7 @@ def load_manifest_file(path: str | Path) -> dict:
 
 def write_manifest(out_dir: str | Path, manifest: dict) -> Path:
     """Write atomically: a reader sees the old manifest or the new one, never half of one."""
-    path = Path(out_dir) / MANIFEST
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False, default=sorted), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False, default=sorted))
 
 
 def read_manifest(data_dir: str | Path) -> dict:
@@ -58,8 +56,6 @@ def read_manifest(data_dir: str | Path) -> dict:
     """
     where = resolve(data_dir, MANIFEST)
     if is_remote(data_dir):
-        import webdataset as wds
-
         try:
             with wds.gopen(where, "rb") as stream:
                 text = stream.read().decode("utf-8")

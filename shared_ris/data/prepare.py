@@ -62,14 +62,15 @@ def prepare_refer(
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> dict:
-    """Convert one refer dataset (RefCOCO, RefCOCO+ or RefCOCOg) to shards; return the manifest.
+    """Convert a refer dataset to shards; return the manifest.
 
     Args:
-        dataset: ``refcoco``, ``refcoco+`` or ``refcocog``.
+        dataset: ``refcoco``, ``refcoco+``, ``refcocog``, or ``refcoco-combined`` (see :func:`combined_items`).
         refer_root: the refer API ``data/`` folder (``{dataset}/refs({split_by}).p``, ``{dataset}/instances.json``).
         images_dir: COCO ``train2014/``.
         out_dir: where ``{dataset}-{split}-{NNNNNN}.tar`` and ``manifest.json`` go.
-        split_by: ``unc`` / ``umd`` / ``google``; default unc for RefCOCO/+, umd for RefCOCOg.
+        split_by: ``unc`` / ``umd`` / ``google``; default unc for RefCOCO/+, umd for RefCOCOg (fixed
+            for the combined set).
         splits: a subset such as ``["val", "testA"]`` (or ``"val,testA"``); default all in the file.
         shard_size: refs per shard. workers: processes writing shards (default: the CPU count, at most 8).
         limit: keep only the first N refs (by ref_id) of each split, for quick trials.
@@ -77,6 +78,21 @@ def prepare_refer(
         overwrite: rebuild instead of resuming from the finished shards.
         progress: called as ``progress(done_refs, total_refs)``.
     """
+    if dataset == COMBINED:
+        if split_by is not None:
+            raise DataError(f"{COMBINED} reads RefCOCO/+ (unc) and RefCOCOg (umd); drop --split-by")
+        items, config, sources, extra = combined_items(refer_root, images_dir, splits, limit)
+    else:
+        items, config, sources = refer_items(dataset, refer_root, images_dir, split_by, splits, limit)
+        extra = None
+    return write_dataset(
+        dataset, out_dir, items, make_refer_sample, config={**config, "shard_size": shard_size}, sources=sources,
+        shard_size=shard_size, workers=workers, strict=strict, overwrite=overwrite, progress=progress, extra=extra,
+    )
+
+
+def refer_items(dataset: str, refer_root, images_dir, split_by: str | None, splits, limit: int | None) -> tuple[dict, dict, dict]:
+    """One refer dataset → (items by split, config, sources)."""
     split_by = split_by or DEFAULT_SPLIT_BY.get(dataset)
     refs_path = refs_file(refer_root, dataset, split_by)
     instances_path = instances_file(refer_root, dataset)
@@ -85,12 +101,9 @@ def prepare_refer(
     chosen = _choose_splits(_ordered(r["split"] for r in refs), splits, f"{refs_path}")
     images, anns = load_instances(instances_path)
     items = _items_by_split(refs, dataset, images, anns, images_root, chosen, limit)
-    config = {"dataset": dataset, "split_by": split_by, "splits": chosen, "shard_size": shard_size, "limit": limit}
+    config = {"dataset": dataset, "split_by": split_by, "splits": chosen, "limit": limit}
     sources = {"refs": str(refs_path.resolve()), "instances": str(instances_path.resolve()), "images": str(images_root.resolve())}
-    return write_dataset(
-        dataset, out_dir, items, make_refer_sample, config=config, sources=sources, shard_size=shard_size,
-        workers=workers, strict=strict, overwrite=overwrite, progress=progress,
-    )
+    return items, config, sources
 
 
 def held_out_images(refer_root: str | Path) -> tuple[set[int], list[str]]:
@@ -105,24 +118,14 @@ def held_out_images(refer_root: str | Path) -> tuple[set[int], list[str]]:
     return held, used
 
 
-def prepare_combined(
-    refer_root: str | Path,
-    images_dir: str | Path,
-    out_dir: str | Path,
-    splits: Iterable[str] | str | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    workers: int | None = None,
-    limit: int | None = None,
-    strict: bool = False,
-    overwrite: bool = False,
-    progress: Progress | None = None,
-) -> dict:
-    """Train on the union of RefCOCO (unc), RefCOCO+ (unc) and RefCOCOg (umd), as the paper's †/‡ rows.
+def combined_items(refer_root, images_dir, splits, limit: int | None) -> tuple[dict, dict, dict, dict]:
+    """The union of RefCOCO (unc), RefCOCO+ (unc) and RefCOCOg (umd), as the paper's †/‡ rows →
+    (items by split, config, sources, extra manifest entries).
 
     Every image that appears in any val/test split of RefCOCO/+ (unc) or RefCOCOg (umd, google) is
     dropped from ``train``; the manifest's ``excluded_images`` / ``excluded_refs`` say how many.
     Evaluation splits are written as ``{dataset}-{split}`` (``refcoco-val``, ``refcocog-test``, ...);
-    default: ``train,refcoco-val,refcoco+-val,refcocog-val``. Other arguments as :func:`prepare_refer`.
+    default: ``train,refcoco-val,refcoco+-val,refcocog-val``.
     """
     images_root = check_images_dir(images_dir)
     held, held_sources = held_out_images(refer_root)
@@ -149,15 +152,11 @@ def prepare_combined(
                 by_split[f"{dataset}-{split}"] = items
     if limit is not None:
         by_split = {s: items[:limit] for s, items in by_split.items()}
-    config = {"dataset": COMBINED, "splits": chosen, "shard_size": shard_size, "limit": limit}
+    config = {"dataset": COMBINED, "splits": chosen, "limit": limit}
     sources = {
         "refs": [str(p.resolve()) for _, p, _, _ in loaded],
         "instances": [str(p.resolve()) for _, _, p, _ in loaded],
         "held_out_from": held_sources,
         "images": str(images_root.resolve()),
     }
-    extra = {"excluded_images": len(excluded_images), "excluded_refs": excluded_refs}
-    return write_dataset(
-        COMBINED, out_dir, by_split, make_refer_sample, config=config, sources=sources, shard_size=shard_size,
-        workers=workers, strict=strict, overwrite=overwrite, progress=progress, extra=extra,
-    )
+    return by_split, config, sources, {"excluded_images": len(excluded_images), "excluded_refs": excluded_refs}

@@ -21,6 +21,7 @@ from typing import Callable, Iterable
 import webdataset as wds
 
 from .. import __version__
+from ..fileio import atomic_write
 from .errors import DataError
 from .manifest import MANIFEST, load_manifest_file, write_manifest
 
@@ -85,9 +86,8 @@ def _tick() -> None:
 def write_shard(out_dir: str, job: ShardJob, make_sample: SampleMaker, strict: bool) -> dict:
     """Write one shard to a temp name, rename it when complete; return its statistics."""
     final = Path(out_dir) / job.name
-    tmp = final.with_name(final.name + ".tmp")
     stats = {"split": job.split, "samples": 0, "sentences": 0, "skipped": [], "image_ids": set()}
-    with open(tmp, "wb") as stream:
+    with atomic_write(final) as stream:
         with wds.TarWriter(stream, encoder=False, mtime=0, user="", group="") as writer:
             for item in job.items:
                 sample, skips = make_sample(item)
@@ -101,9 +101,6 @@ def write_shard(out_dir: str, job: ShardJob, make_sample: SampleMaker, strict: b
                     stats["sentences"] += len(json.loads(sample["json"])["sentences"])
                     stats["image_ids"].add(item["image_id"])
                 _tick()
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(tmp, final)
     stats["bytes"] = final.stat().st_size
     stats["image_ids"] = sorted(stats["image_ids"])
     return stats

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
 from PIL import Image
 
+from ..fileio import write_bytes_atomic
 from .errors import DataError
 from .shards import DEFAULT_SHARD_SIZE, Progress, write_dataset
 from .transforms import encode_mask_png
@@ -236,8 +238,6 @@ def train_tokenizer(path: str | Path, vocab_size: int = 128) -> Path:
 
     BPE at 128 pieces keeps every word of the generator whole and still spells unseen words.
     """
-    import sentencepiece as spm
-
     sentences = vocabulary_sentences()
     corpus = sentences + [raw_text(s) for s in sentences]
     buffer = io.BytesIO()
@@ -245,11 +245,7 @@ def train_tokenizer(path: str | Path, vocab_size: int = 128) -> Path:
         sentence_iterator=iter(corpus * 4), model_writer=buffer, vocab_size=vocab_size, model_type="bpe",
         hard_vocab_limit=False, character_coverage=1.0, num_threads=1, minloglevel=2,
     )
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(path)
-    return path
+    return write_bytes_atomic(path, buffer.getvalue())
 
 
 def prepare_synthetic(

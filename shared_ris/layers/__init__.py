@@ -1,11 +1,12 @@
 """Small, independent building blocks shared by the encoder, FPN and decoder."""
 
-from .attention import Attention, attention_naive, key_padding_to_attn_mask, sdpa
+from .attention import Attention, attention_naive, attention_weights, key_padding_to_attn_mask, sdpa
 from .drop_path import DropPath, drop_path
 from .mlp import Mlp
 from .multiway import Multiway
+from .recorder import record_attention
 
 __all__ = [
-    "Attention", "attention_naive", "key_padding_to_attn_mask", "sdpa",
+    "Attention", "attention_naive", "attention_weights", "key_padding_to_attn_mask", "sdpa", "record_attention",
     "DropPath", "drop_path", "Mlp", "Multiway",
 ]

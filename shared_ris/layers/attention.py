@@ -1,7 +1,9 @@
 """Multi-head self-attention over a padded joint image+text sequence.
 
 The fused kernel (``F.scaled_dot_product_attention``) is the only path used in training and
-inference; :func:`attention_naive` is the readable reference kept for tests and for attention maps.
+inference; :func:`attention_naive` is the readable reference kept for tests, and
+:func:`attention_weights` gives the softmax weights that attention maps show (computed apart from
+the forward pass, see :mod:`.recorder`).
 """
 
 import torch
@@ -21,14 +23,19 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: to
     return F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_to_attn_mask(key_padding_mask))
 
 
+def attention_weights(q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q kᵀ / sqrt(d)) in fp32 with padded keys at exactly 0. q, k: (B, h, N, d) → (B, h, N, N)."""
+    scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    return scores.softmax(dim=-1)
+
+
 def attention_naive(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference attention, softmax in fp32. Returns the output (B, h, N, d) and the weights (B, h, N, N)."""
-    scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
-    if key_padding_mask is not None:
-        scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-    weights = scores.softmax(dim=-1)
+    weights = attention_weights(q, k, key_padding_mask)
     return (weights @ v.float()).to(v.dtype), weights
 
 
@@ -58,12 +65,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(
-        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, return_weights: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, N, C); key_padding_mask: (B, N) True = pad. Returns (B, N, C) [and weights (B, h, N, N)]."""
-        q, k, v = (split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
-        if return_weights:
-            out, weights = attention_naive(q, k, v, key_padding_mask)
-            return self.proj(merge_heads(out)), weights
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, N, C); key_padding_mask: (B, N) True = pad. Returns (B, N, C)."""
+        q, k, v = self._qkv(x)
         return self.proj(merge_heads(sdpa(q, k, v, key_padding_mask)))
+
+    def attention_weights(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The softmax weights (B, h, N, N) that :meth:`forward` applies to the same inputs."""
+        q, k, _ = self._qkv(x)
+        return attention_weights(q, k, key_padding_mask)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import DropPath, Multiway
-from ..layers.attention import attention_naive, merge_heads, sdpa, split_heads
+from ..layers.attention import attention_weights, merge_heads, sdpa, split_heads
 
 # Rows 0 and 1 of each fairseq position table are padding rows that are never read.
 POSITION_OFFSET = 2
@@ -58,18 +58,17 @@ class MultiwayAttention(nn.Module):
         self.out_proj = Multiway(nn.Linear(embed_dim, embed_dim))
         self.inner_attn_ln = Multiway(layer_norm(embed_dim))
 
-    def forward(
-        self, x: torch.Tensor, split: int, key_padding_mask: torch.Tensor | None, return_weights: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, N, D); split: number of vision tokens; key_padding_mask: (B, N) True = pad."""
+    def forward(self, x: torch.Tensor, split: int, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, N, D); split: number of vision tokens; key_padding_mask: (B, N) True = pad → (B, N, D)."""
         q, k, v = (split_heads(proj(x, split), self.num_heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
         # BEiT-3 scales q by head_dim**-0.5 before the product: the same as SDPA's default scale.
-        if return_weights:
-            out, weights = attention_naive(q, k, v, key_padding_mask)
-        else:
-            out, weights = sdpa(q, k, v, key_padding_mask), None
-        out = self.out_proj(self.inner_attn_ln(merge_heads(out), split), split)
-        return (out, weights) if return_weights else out
+        out = sdpa(q, k, v, key_padding_mask)
+        return self.out_proj(self.inner_attn_ln(merge_heads(out), split), split)
+
+    def attention_weights(self, x: torch.Tensor, split: int, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """The softmax weights (B, h, N, N) that :meth:`forward` applies to the same inputs."""
+        q, k = (split_heads(proj(x, split), self.num_heads) for proj in (self.q_proj, self.k_proj))
+        return attention_weights(q, k, key_padding_mask)
 
 
 class FeedForward(nn.Module):
@@ -94,15 +93,10 @@ class EncoderLayer(nn.Module):
         self.final_layer_norm = Multiway(layer_norm(embed_dim))
         self.drop_path = DropPath(drop_path)
 
-    def forward(
-        self, x: torch.Tensor, split: int, key_padding_mask: torch.Tensor | None, return_weights: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """x: (B, N, D) → (B, N, D) [, attention weights (B, h, N, N)]."""
-        attn = self.self_attn(self.self_attn_layer_norm(x, split), split, key_padding_mask, return_weights)
-        attn, weights = attn if return_weights else (attn, None)
-        x = x + self.drop_path(attn)
-        x = x + self.drop_path(self.ffn(self.final_layer_norm(x, split), split))
-        return (x, weights) if return_weights else x
+    def forward(self, x: torch.Tensor, split: int, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, N, D) → (B, N, D)."""
+        x = x + self.drop_path(self.self_attn(self.self_attn_layer_norm(x, split), split, key_padding_mask))
+        return x + self.drop_path(self.ffn(self.final_layer_norm(x, split), split))
 
 
 class Encoder(nn.Module):
@@ -205,27 +199,15 @@ class BEiT3(nn.Module):
         return torch.cat([vision, text_padding_mask], dim=1)
 
     def forward(
-        self,
-        images: torch.Tensor,
-        text_ids: torch.Tensor,
-        text_padding_mask: torch.Tensor,
-        return_last_attention: bool = False,
-        num_layers: int | None = None,
-    ) -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
+        self, images: torch.Tensor, text_ids: torch.Tensor, text_padding_mask: torch.Tensor, num_layers: int | None = None
+    ) -> list[torch.Tensor]:
         """Return [h0, h1, …, hL], each (B, n + 1 + T, D): the embedding then the raw residual
         stream after every layer, with no final norm. ``num_layers`` runs only the first L layers
-        (default all). With ``return_last_attention`` also the last run layer's attention weights
-        (B, heads, N, N)."""
+        (default all)."""
         x = self.embed(images, text_ids, text_padding_mask)
         padding = self.sequence_padding_mask(text_padding_mask)
-        split = self.num_vision_tokens
-        depth = self.depth if num_layers is None else num_layers
         states = [x]
-        weights = None
-        for i, layer in enumerate(self.encoder.layers[:depth]):
-            if return_last_attention and i == depth - 1:
-                x, weights = layer(x, split, padding, return_weights=True)
-            else:
-                x = layer(x, split, padding)
+        for layer in self.encoder.layers[: self.depth if num_layers is None else num_layers]:
+            x = layer(x, self.num_vision_tokens, padding)
             states.append(x)
-        return (states, weights) if return_last_attention else states
+        return states

@@ -20,15 +20,10 @@ class SharedBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(
-        self, z: torch.Tensor, key_padding_mask: torch.Tensor | None, return_weights: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """z: (B, N, C) → (B, N, C) [, weights (B, heads, N, N)]."""
-        attn = self.attn(self.norm1(z), key_padding_mask, return_weights)
-        attn, weights = attn if return_weights else (attn, None)
-        u = z + attn
-        u = u + self.mlp(self.norm2(u))
-        return (u, weights) if return_weights else u
+    def forward(self, z: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """z: (B, N, C) → (B, N, C)."""
+        u = z + self.attn(self.norm1(z), key_padding_mask)
+        return u + self.mlp(self.norm2(u))
 
 
 class UpsampleBlock(nn.Sequential):
@@ -60,24 +55,14 @@ class SharedMaskDecoder(nn.Module):
         self.upsample = nn.Sequential(*(UpsampleBlock(dim) for _ in range(upsample_blocks)))
         self.text_mlp = Mlp(dim, dim, dim)
 
-    def forward(
-        self,
-        z: torch.Tensor,
-        key_padding_mask: torch.Tensor | None,
-        num_vision_tokens: int,
-        return_weights: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, z: torch.Tensor, key_padding_mask: torch.Tensor | None, num_vision_tokens: int) -> torch.Tensor:
         """z: (B, N, C) with vision tokens [cls, patches…] first → logits (B, 1, g·2**l, g·2**l)."""
-        weights = []
         for layer in self.layers:
-            z = layer(z, key_padding_mask, return_weights)
-            if return_weights:
-                z, w = z
-                weights.append(w)
+            z = layer(z, key_padding_mask)
         b, _, c = z.shape
         patches = z[:, 1:num_vision_tokens]  # drop the visual cls
         grid = math.isqrt(num_vision_tokens - 1)
         feature_map = self.upsample(patches.transpose(1, 2).reshape(b, c, grid, grid))  # (B, C, H', W')
         text_cls = self.text_mlp(z[:, num_vision_tokens])  # (B, C): the <s> token
         logits = torch.einsum("bchw,bc->bhw", feature_map, text_cls)[:, None]
-        return (logits, weights) if return_weights else logits
+        return logits

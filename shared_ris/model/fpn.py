@@ -17,15 +17,10 @@ class SharedFPNLevel(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.attn = Attention(dim, num_heads)
 
-    def forward(
-        self, h: torch.Tensor, key_padding_mask: torch.Tensor | None, return_weights: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """h: (B, N, D) → (B, N, dim) [, weights (B, heads, N, N)]."""
+    def forward(self, h: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """h: (B, N, D) → (B, N, dim)."""
         x = self.proj(h)
-        attn = self.attn(self.norm(x), key_padding_mask, return_weights)
-        if return_weights:
-            return attn[0] + x, attn[1]
-        return attn + x
+        return self.attn(self.norm(x), key_padding_mask) + x
 
 
 class SharedFPN(nn.Module):
@@ -46,20 +41,10 @@ class SharedFPN(nn.Module):
         self.levels = nn.ModuleList(SharedFPNLevel(in_dim, dim, num_heads) for _ in stages)
         self.fuse = nn.Linear(len(stages) * dim, dim)
 
-    def forward(
-        self, states: list[torch.Tensor], key_padding_mask: torch.Tensor | None, return_weights: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """states: [h0, …, hL] from the encoder, each (B, N, D) → z (B, N, dim)
-        [, per-level attention weights]."""
-        outs, weights = [], []
-        for stage, level in zip(self.stages, self.levels):
-            out = level(states[stage], key_padding_mask, return_weights)
-            if return_weights:
-                out, w = out
-                weights.append(w)
-            outs.append(out)
-        z = self.fuse(torch.cat(outs, dim=-1))
-        return (z, weights) if return_weights else z
+    def forward(self, states: list[torch.Tensor], key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """states: [h0, …, hL] from the encoder, each (B, N, D) → z (B, N, dim)."""
+        outs = [level(states[stage], key_padding_mask) for stage, level in zip(self.stages, self.levels)]
+        return self.fuse(torch.cat(outs, dim=-1))
 
 
 class NoFPN(nn.Module):
@@ -71,8 +56,6 @@ class NoFPN(nn.Module):
         self.norm = nn.LayerNorm(in_dim)
         self.proj = nn.Linear(in_dim, dim)
 
-    def forward(
-        self, states: list[torch.Tensor], key_padding_mask: torch.Tensor | None, return_weights: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        z = self.proj(self.norm(states[-1]))
-        return (z, []) if return_weights else z
+    def forward(self, states: list[torch.Tensor], key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """states: [h0, …, hL], each (B, N, D) → z (B, N, dim) from hL alone."""
+        return self.proj(self.norm(states[-1]))

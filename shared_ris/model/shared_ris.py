@@ -8,9 +8,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..layers import record_attention
 from .beit3 import BEiT3
 from .decoder import SharedMaskDecoder
 from .fpn import NoFPN, SharedFPN
+from .pretrained import LoadReport, load_beit3_checkpoint
 
 
 def text_cls_attention_map(weights: torch.Tensor, num_vision_tokens: int) -> torch.Tensor:
@@ -64,42 +66,46 @@ class SharedRIS(nn.Module):
         layer the FPN reads (L = its deepest stage)."""
         return self.beit3(images, text_ids, text_padding_mask, num_layers=self.encoder_layers)
 
-    def forward(
-        self,
-        images: torch.Tensor,
-        text_ids: torch.Tensor,
-        text_padding_mask: torch.Tensor,
-        return_attention: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """images (B, 3, S, S) normalised; text_ids (B, T); text_padding_mask (B, T) True = pad.
-
-        Returns mask logits (B, 1, S/4, S/4). With ``return_attention`` also the paper's attention
-        maps (Fig. 7) as {"encoder", "fpn", "decoder"} → (B, S/p, S/p): the text-cls row over the
-        patches from the encoder's last layer run (the deepest FPN stage), the mean over FPN levels,
-        and the decoder's last layer.
-        """
+    def forward(self, images: torch.Tensor, text_ids: torch.Tensor, text_padding_mask: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, S, S) normalised; text_ids (B, T); text_padding_mask (B, T) True = pad
+        → mask logits (B, 1, S/4, S/4)."""
         padding = self.beit3.sequence_padding_mask(text_padding_mask)
-        split = self.beit3.num_vision_tokens
-        if not return_attention:
-            states = self.encode(images, text_ids, text_padding_mask)
-            return self.decoder(self.fpn(states, padding), padding, split)
+        states = self.encode(images, text_ids, text_padding_mask)
+        return self.decoder(self.fpn(states, padding), padding, self.beit3.num_vision_tokens)
 
-        states, encoder_weights = self.beit3(
-            images, text_ids, text_padding_mask, return_last_attention=True, num_layers=self.encoder_layers
-        )
-        z, fpn_weights = self.fpn(states, padding, return_weights=True)
-        logits, decoder_weights = self.decoder(z, padding, split, return_weights=True)
-        maps = {"encoder": text_cls_attention_map(encoder_weights, split)}
-        if fpn_weights:
-            maps["fpn"] = torch.stack([text_cls_attention_map(w, split) for w in fpn_weights]).mean(0)
-        if decoder_weights:
-            maps["decoder"] = text_cls_attention_map(decoder_weights[-1], split)
+    def attention_modules(self) -> dict[str, nn.Module]:
+        """The attentions the paper's Fig. 7 shows: the encoder's last run layer (the deepest FPN
+        stage), each FPN level and the decoder's last shared layer, by name."""
+        modules: dict[str, nn.Module] = {"encoder": self.beit3.encoder.layers[self.encoder_layers - 1].self_attn}
+        for i, level in enumerate(getattr(self.fpn, "levels", [])):
+            modules[f"fpn.{i}"] = level.attn
+        if len(self.decoder.layers):
+            modules["decoder"] = self.decoder.layers[-1].attn
+        return modules
+
+    def attention_maps(
+        self, images: torch.Tensor, text_ids: torch.Tensor, text_padding_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mask logits and the paper's attention maps (Fig. 7) from one forward pass.
+
+        Returns the logits of :meth:`forward` (bit for bit) and {"encoder", "fpn", "decoder"} →
+        (B, S/p, S/p): the text-cls row over the patches, head-averaged, of the encoder's last run
+        layer, the mean over the FPN levels, and the decoder's last layer ("fpn" / "decoder" are
+        absent when the model has none).
+        """
+        split = self.beit3.num_vision_tokens
+        with record_attention(self.attention_modules(), lambda w: text_cls_attention_map(w, split)) as recorded:
+            logits = self(images, text_ids, text_padding_mask)
+        maps = {"encoder": recorded["encoder"]}
+        levels = [recorded[name] for name in recorded if name.startswith("fpn.")]
+        if levels:
+            maps["fpn"] = torch.stack(levels).mean(0)
+        if "decoder" in recorded:
+            maps["decoder"] = recorded["decoder"]
         return logits, maps
 
-    def load_pretrained(self, path: str | Path, verbose: bool = True):
+    def load_pretrained(self, path: str | Path, verbose: bool = True) -> LoadReport:
         """Load an official BEiT-3 ``.pth`` into the encoder; see :func:`load_beit3_checkpoint`."""
-        from .checkpoint import load_beit3_checkpoint
-
         report = load_beit3_checkpoint(self.beit3, path)
         if verbose:
             print(report.summary())

@@ -1,4 +1,5 @@
-"""Loading official BEiT-3 checkpoints: one place that unwraps, renames and resizes.
+"""Official BEiT-3 weight files: one place that unwraps, renames and resizes (timm's
+``checkpoint_filter_fn``). A training run's own files are :mod:`shared_ris.checkpoint`.
 
 Official files are ``{"model": state_dict}`` (DeepSpeed: ``"module"``) with keys under ``beit3.``;
 pretrained files also carry MLM / image heads that we ignore. The vision position table is
@@ -15,16 +16,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import SharedRISError
+from ..errors import CheckpointError
+from ..fileio import load_torch_file
 from .beit3 import POSITION_OFFSET
 
 VISION_POSITIONS = "encoder.embed_positions.A.weight"
 # Keys an official file may lack without harm (absent in VQA / ImageNet fine-tuned files).
 OPTIONAL_PREFIXES = ("encoder.layer_norm.",)
+BEIT3_KEY_PREFIXES = ("beit3.", "encoder.layers.", "text_embed.", "vision_embed.")
+SHARED_RIS_KEY_PREFIXES = ("fpn.", "decoder.")
 
 
-class CheckpointError(SharedRISError):
-    """A checkpoint cannot be used; the message is one line naming the file and the fix."""
+def state_dict_kind(state_dict: dict) -> str:
+    """``"shared-ris"`` (has FPN / decoder keys: a training run's weights), ``"beit3"`` (encoder keys
+    only: official weights) or ``"unknown"``. The one place that tells the two files apart."""
+    keys = [str(k).removeprefix("module.") for k in state_dict]
+    if any(k.startswith(SHARED_RIS_KEY_PREFIXES) for k in keys):
+        return "shared-ris"
+    if any(k.startswith(BEIT3_KEY_PREFIXES) for k in keys):
+        return "beit3"
+    return "unknown"
 
 
 @dataclass
@@ -65,21 +76,6 @@ def resample_vision_positions(table: torch.Tensor, num_patches: int, prefix_rows
     return torch.cat([prefix, patches], dim=0)
 
 
-def load_torch_file(path: str | Path, missing_hint: str, mmap: bool = False):
-    """``torch.load(weights_only=True)`` on the CPU: a pickle can only rebuild tensors and plain
-    containers, never run code. A missing or unreadable file raises one :class:`CheckpointError`
-    line; ``missing_hint`` says what to pass instead."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file; {missing_hint}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as exc:  # corrupt or truncated file, pickled non-tensor objects, not a torch file at all
-        text = str(exc).strip()
-        first = (text.splitlines()[0] if text else type(exc).__name__)[:160]
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({first})") from None
-
-
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a ``.pth`` safely (weights_only) and unwrap ``model`` / ``module``; bare dicts pass through."""
     obj = load_torch_file(path, "download beit3_base_patch16_224.pth from the BEiT-3 README")
@@ -105,7 +101,7 @@ def beit3_checkpoint_filter(state_dict: dict[str, torch.Tensor], encoder: nn.Mod
         else:
             report.ignored.append(key)
     if not mapped:
-        if any(k.startswith(("fpn.", "decoder.")) for k in state_dict):
+        if state_dict_kind(state_dict) == "shared-ris":
             raise CheckpointError("this is a Shared-RIS training checkpoint, not a BEiT-3 one; pass it as --checkpoint / --resume")
         raise CheckpointError(
             f"not a BEiT-3 checkpoint: none of its {len(state_dict)} keys (e.g. {next(iter(state_dict), '-')}) "

@@ -1,8 +1,15 @@
-"""Loading a trained Shared-RIS run: checkpoint → (model, recipe), and the tokenizer that goes with it.
+"""A training run's files: what ``sris train`` saves, and what resume, eval and predict read back.
 
-``sris train`` saves plain dicts: ``{"model": state_dict, "recipe": recipe.to_dict(), "epoch", "step",
-…, "tokenizer_path"?}``. Official BEiT-3 files are a different thing (encoder weights to start
-training from); passing one here is caught and named. Every failure is one :class:`CheckpointError` line.
+A checkpoint is one plain dict, written atomically and read with ``torch.load(weights_only=True)``::
+
+    {"model", "optimizer", "scaler", "epoch", "epoch_step", "step", "best_oiou", "rng", "recipe",
+     "tokenizer_path", "version"}
+
+``epoch`` is the epoch to continue and ``epoch_step`` the batches of it already trained (see
+:class:`shared_ris.train_state.RunState`); ``rng`` holds one entry per rank. Inference needs only
+``model`` and ``recipe`` (:func:`save_trained` writes just those). Official BEiT-3 files are a
+different thing, read by :mod:`shared_ris.model.pretrained`; passing one here is caught and named.
+Every failure is one :class:`CheckpointError` line.
 """
 
 from __future__ import annotations
@@ -12,16 +19,56 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .config import Recipe, RecipeError, recipe_from_dict
-from .errors import SharedRISError
-from .model import CheckpointError, SharedRIS, build_model
-from .model.checkpoint import load_torch_file
+from .errors import CheckpointError, SharedRISError
+from .fileio import atomic_write, load_torch_file
+from .model import SharedRIS, build_model, state_dict_kind
 from .tokenizer import Tokenizer
 
+CHECKPOINT_VERSION = 1
+RESUME_KEYS = ("model", "optimizer", "epoch", "epoch_step", "step", "best_oiou", "rng", "recipe")
 # Looked for next to a checkpoint when no tokenizer is given or recorded.
 TOKENIZER_NAMES = ("spm.model", "tokenizer.model", "beit3.spm")
-_BEIT3_KEY_PREFIXES = ("beit3.", "encoder.layers.", "text_embed.", "vision_embed.")
+
+
+# -- writing ---------------------------------------------------------------------------------------
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """Write ``state`` (plus ``version``) to ``path.tmp``, flush it to disk, rename it over ``path``."""
+    with atomic_write(path) as handle:
+        torch.save({**state, "version": CHECKPOINT_VERSION}, handle)
+
+
+def save_trained(model: nn.Module, recipe: Recipe, path: str | Path, **meta: Any) -> Path:
+    """Save weights and recipe in the format eval and predict read (``meta``: plain values such as
+    ``step`` or ``tokenizer_path``). What tests, benchmarks and exports use instead of a full run."""
+    save_checkpoint({"model": model.state_dict(), "recipe": recipe.to_dict(), **meta}, path)
+    return Path(path)
+
+
+# -- resuming --------------------------------------------------------------------------------------
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A training checkpoint to resume from, on the CPU; one-line :class:`CheckpointError` if it is not one."""
+    state = load_torch_file(path, "use --resume auto or a path to last.pt")
+    missing = [k for k in RESUME_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a Shared-RIS training checkpoint (no {missing[0]!r}); pass last.pt or best.pt")
+    return state
+
+
+# -- loading a trained model -----------------------------------------------------------------------
+
+
+def clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip the ``module.`` prefix that a DDP wrapper adds to every key."""
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k[len("module.") :]: v for k, v in state_dict.items()}
+    return state_dict
 
 
 @dataclass
@@ -43,20 +90,15 @@ def read_trained(path: str | Path) -> TrainedCheckpoint:
     obj = load_torch_file(path, "pass a run's best.pt or last.pt (written by sris train)", mmap=True)
     if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("recipe"), dict)):
         inner = (obj.get("model") or obj.get("module") or obj) if isinstance(obj, dict) else None
-        if isinstance(inner, dict) and any(str(k).startswith(_BEIT3_KEY_PREFIXES) for k in inner) and not any(
-            str(k).startswith(("fpn.", "decoder.")) for k in inner
-        ):
+        if isinstance(inner, dict) and state_dict_kind(inner) == "beit3":
             raise CheckpointError(f"{path}: this is a BEiT-3 pretrained checkpoint; use it with sris train --pretrained")
         raise CheckpointError(f"{path}: not a Shared-RIS training checkpoint (expected a dict with 'model' and 'recipe', as sris train writes)")
     try:
         recipe = recipe_from_dict(obj["recipe"])
     except RecipeError as exc:
         raise CheckpointError(f"{path}: its recipe is invalid ({exc})") from None
-    state = obj["model"]
-    if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
-        state = {k[len("module.") :]: v for k, v in state.items()}
     meta = {k: v for k, v in obj.items() if k not in ("model", "recipe") and isinstance(v, (int, float, str, bool))}
-    return TrainedCheckpoint(path, recipe, state, meta)
+    return TrainedCheckpoint(path, recipe, clean_state_dict(obj["model"]), meta)
 
 
 def model_from_checkpoint(checkpoint: TrainedCheckpoint, device: str | torch.device = "cpu") -> SharedRIS:
@@ -85,6 +127,9 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     """A trained run's checkpoint → (model in eval mode on ``device``, its recipe)."""
     checkpoint = read_trained(path)
     return model_from_checkpoint(checkpoint, device), checkpoint.recipe
+
+
+# -- the tokenizer that goes with a run --------------------------------------------------------------
 
 
 def find_tokenizer(
@@ -118,8 +163,8 @@ def load_tokenizer(path: str | Path, recipe: Recipe) -> Tokenizer:
     tokenizer = Tokenizer(path, max_len=recipe.model.max_text_len)
     if tokenizer.vocab_size > recipe.model.encoder.vocab_size:
         raise SharedRISError(
-            f"{path}: tokenizer has {tokenizer.vocab_size} ids but the model embeds {recipe.model.encoder.vocab_size}; "
-            "pass the tokenizer the run was trained with (--tokenizer)"
+            f"{path}: tokenizer has {tokenizer.vocab_size} ids but model.encoder.vocab_size is {recipe.model.encoder.vocab_size}; "
+            "pass the tokenizer the model was built for (--tokenizer) or raise model.encoder.vocab_size"
         )
     return tokenizer
 
