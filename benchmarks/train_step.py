@@ -41,7 +41,7 @@ def main() -> None:
     trainee = build_trainee(recipe, DistEnv(device=device), pretrained=None, notify=print)
     batch = {
         "images": torch.randn(batch_size, 3, size, size, device=device),
-        "text_ids": torch.randint(4, 1000, (batch_size, length), device=device),
+        "text_ids": torch.randint(4, min(1000, recipe.model.encoder.vocab_size), (batch_size, length), device=device),
         "text_padding_mask": torch.zeros(batch_size, length, dtype=torch.bool, device=device),
         "masks": (torch.rand(batch_size, 1, size, size, device=device) > 0.7).float(),
     }
