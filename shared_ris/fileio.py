@@ -1,4 +1,5 @@
-"""Small file helpers used by every writer and reader: atomic writes and the one safe ``torch.load``."""
+"""Small file helpers used by every writer and reader: atomic writes, the one safe ``torch.load``,
+and the one check that a path derived from data stays inside its folder."""
 
 from __future__ import annotations
 
@@ -9,7 +10,29 @@ from typing import BinaryIO, Iterator
 
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, SharedRISError
+
+
+class UnsafePathError(SharedRISError):
+    """A name read from a file would lead outside the folder the command line named."""
+
+
+def confined(root: str | Path, relative: str | Path, what: str = "a file name") -> Path:
+    """``root / relative``, refused with :class:`UnsafePathError` when it is absolute, climbs with
+    ``..``, or resolves outside ``root`` through a symbolic link. Every path derived from data (an
+    output name, a shard to delete, a member to write) goes through here.
+
+    ``what`` names where ``relative`` came from, for the message (e.g. ``"prompts.jsonl:3"``).
+    """
+    text = str(relative)
+    candidate = Path(text)
+    if not text or "\x00" in text or candidate.is_absolute() or candidate.drive or ".." in candidate.parts:
+        raise UnsafePathError(f"{what}: {text!r} is not a plain relative name inside {root}")
+    base = Path(root).resolve()
+    target = (base / candidate).resolve()
+    if target != base and base not in target.parents:
+        raise UnsafePathError(f"{what}: {text!r} leads outside {root} (through a symbolic link)")
+    return Path(root) / candidate
 
 
 @contextlib.contextmanager
