@@ -16,11 +16,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .checkpoint import check_run, load_run
-from .data import build_eval_loader
-from .data.manifest import read_manifest, split_info
+from .data import DataError, build_eval_loader
+from .data.location import DataLocation, data_location
+from .data.manifest import read_manifest, split_info, split_shards
 from .device import autocast, check_device
 from .distributed import setup, teardown
 from .errors import SharedRISError
+from .fileio import confined
 from .metrics import MetricAccumulator
 from .model import logits_to_mask
 from .visualize import save_mask
@@ -168,7 +170,7 @@ def _mask_saver(folder: Path) -> Callable[[str, int, torch.Tensor], None]:
     folder.mkdir(parents=True, exist_ok=True)
 
     def save(key: str, sent_id: int, mask: torch.Tensor) -> None:
-        save_mask(mask.numpy(), folder / f"{key}_{sent_id}.png")
+        save_mask(mask.numpy(), confined(folder, f"{key}_{sent_id}.png", f"sample {key}"))  # keys come from the shards
 
     return save
 
@@ -203,27 +205,29 @@ def evaluate_run(
     split_names = parse_splits(splits)
     protocol = Protocol(resolution, threshold, inclusive)
     check_device(device)
+    location = data_location(data_dir)
     joined_here = not (dist.is_available() and dist.is_initialized())
     env = setup(None if device in (None, "cuda") else device)
     try:
-        model, recipe, text_tokenizer = load_run(checkpoint, tokenizer, device=env.device, data_dir=data_dir)
+        model, recipe, text_tokenizer = load_run(checkpoint, tokenizer, device=env.device, data_dir=_local_folder(location))
         if protocol.threshold is None:
             protocol = replace(protocol, threshold=recipe.model.threshold)
         loaders = {  # built up front, so a missing split fails before the first one is scored
             split: build_eval_loader(
-                data_dir, split, recipe, text_tokenizer, rank=env.rank, world_size=env.world_size,
+                location, split, recipe, text_tokenizer, rank=env.rank, world_size=env.world_size,
                 num_workers=num_workers, batch_size=batch_size,
             )
             for split in split_names
         }  # fmt: skip
         results = {}
         for split, loader in loaders.items():
-            total = loader.sentences if env.world_size == 1 else None
+            on_mask = _mask_saver(Path(save_masks) / split) if save_masks is not None else None
+            progress_of_split = _split_progress(progress, split, loader.sentences if env.world_size == 1 else None)
             acc = evaluate_model(
                 model, loader, threshold=protocol.threshold, resolution=protocol.resolution, device=env.device,
-                amp=recipe.train.amp, progress=_split_progress(progress, split, total),
-                on_mask=_mask_saver(Path(save_masks) / split) if save_masks is not None else None,
+                amp=recipe.train.amp, progress=progress_of_split, on_mask=on_mask,
             )  # fmt: skip
+            _check_count(acc, loader.sentences, location, split)
             results[split] = acc.summary(inclusive=protocol.inclusive)
     finally:
         if joined_here:
@@ -239,7 +243,19 @@ def check_eval_inputs(checkpoint: str | Path, data_dir: str | Path, splits: str 
     """The checks :func:`evaluate_run` would fail on first (checkpoint, tokenizer, every split), without
     loading the weights: a launcher calls it so that a bad path fails once, not on every rank."""
     names = parse_splits(splits)
-    check_run(checkpoint, tokenizer, data_dir=data_dir)
-    manifest = read_manifest(data_dir)
+    location = data_location(data_dir)
+    check_run(checkpoint, tokenizer, data_dir=_local_folder(location))
+    manifest = read_manifest(location)
     for split in names:
-        split_info(manifest, split, data_dir)
+        split_shards(split_info(manifest, split, location), location)  # local shards: present, of the recorded size
+
+
+def _check_count(acc: MetricAccumulator, expected: int, location: DataLocation, split: str) -> None:
+    """Shards are verified one by one as they are read; this checks the split as a whole."""
+    if len(acc.keys) != expected:
+        raise DataError(f"{location}: split {split}: scored {len(acc.keys)} expressions but the manifest lists {expected}; re-run sris prepare")
+
+
+def _local_folder(location: DataLocation) -> str | None:
+    """Where a data folder's own ``spm.model`` may be (none for remote data)."""
+    return location.text if location.is_local else None

@@ -15,7 +15,7 @@ from PIL import Image
 from refer_fixture import build_refer_fixture
 from shard_reading import all_sentences
 from shared_ris import Tokenizer, load_recipe
-from shared_ris.data import DataError, build_eval_loader, build_train_loader, prepare_refer, prepare_synthetic, read_manifest
+from shared_ris.data import DataError, build_eval_loader, build_train_loader, data_location, prepare_refer, prepare_synthetic, read_manifest
 from shared_ris.data.streams import eval_units, make_units, train_units
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools on numpy 2
@@ -166,7 +166,9 @@ def test_one_sentence_per_ref_from_the_recipe_field(synthetic, recipe, tokenizer
 
 
 def test_pipe_template_location(synthetic, recipe, tokenizer):
-    location = f"pipe:cat {synthetic}/{{}}"
+    with pytest.raises(DataError, match="--allow-pipe"):
+        read_manifest(f"pipe:cat {synthetic}/{{}}")  # a shell command runs only when asked for
+    location = data_location(f"pipe:cat {synthetic}/{{}}", allow_pipe=True)
     assert read_manifest(location)["dataset"] == "synthetic"
     got = Counter()
     for batch in build_eval_loader(location, "val", recipe, tokenizer, num_workers=0):

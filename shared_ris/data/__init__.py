@@ -7,6 +7,7 @@
 """
 
 from .errors import DataError
+from .location import DataLocation, data_location
 from .loader import EvalLoader, TrainLoader, build_eval_loader, build_train_loader, train_steps_per_epoch
 from .manifest import read_manifest
 from .prepare import prepare_refer
@@ -16,7 +17,7 @@ from .synthetic import export_examples, prepare_synthetic
 from .transforms import image_to_tensor, load_image, load_mask, mask_to_tensor
 
 __all__ = [
-    "DataError", "UnsafePickleError",
+    "DataError", "UnsafePickleError", "DataLocation", "data_location",
     "prepare_refer", "prepare_synthetic", "export_examples", "read_manifest",
     "build_train_loader", "build_eval_loader", "train_steps_per_epoch", "TrainLoader", "EvalLoader",
     "annotation_mask", "load_pickle", "image_to_tensor", "load_image", "load_mask", "mask_to_tensor",

@@ -9,12 +9,15 @@ hands out in turn; so the stream is a pure function of (seed, epoch, rank, world
 and each worker stops after its share of the epoch (no batch is decoded in vain).
 
 Evaluation: each reader takes its units once (see :mod:`.streams`) and yields every sentence.
+
+Shards are data: each is verified against the manifest as it is read and every sample is checked
+(:mod:`.shard_reader`, :mod:`.sample`). A problem found in a loader worker travels to the main
+process as a marker batch and is raised there as the same one-line :class:`DataError`.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -27,18 +30,21 @@ import webdataset as wds
 from ..config import Recipe
 from ..tokenizer import Tokenizer
 from .errors import DataError
-from .manifest import read_manifest, resolve, split_info
+from .location import DataLocation, data_location
+from .manifest import read_manifest, split_info, split_shards
+from .sample import Sample, parse_sample
+from .shard_reader import ShardInfo
 from .streams import batched, eval_units, make_units, read_units, train_units
-from .transforms import image_pixels, image_to_tensor, load_image, load_mask, mask_pixels, normalize_
+from .transforms import image_pixels, image_to_tensor, mask_pixels, normalize_
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+ERROR = "__error__"  # a batch that carries a worker's DataError to the main process
 
 
 @dataclass
 class StreamSettings:
     """Everything a worker needs, picklable."""
 
-    urls: list[str]
+    shards: list[ShardInfo]
     image_size: int
     text_len: int
     text_field: str
@@ -50,17 +56,24 @@ class StreamSettings:
     shuffle_buffer: int = 1000
 
 
-def _image_bytes(sample: dict) -> bytes:
-    for key in IMAGE_KEYS:
-        if key in sample:
-            return sample[key]
-    raise DataError(f"{sample.get('__url__', '?')}: sample {sample['__key__']} holds no image ({', '.join(k for k in sample if not k.startswith('__'))})")
+def _samples(units, text_field: str, max_empty: int | None = None) -> Iterator[Sample]:
+    for raw, where in read_units(units, max_empty):
+        yield parse_sample(raw, where, text_field)
 
 
-def _image(sample: dict):
-    """The sample's image as RGB. EXIF orientation is not applied: COCO masks are drawn on the
-    stored pixel grid, which ignores it."""
-    return load_image(_image_bytes(sample), exif_transpose=False)
+def _with_errors_as_batches(batches: Iterator[dict]) -> Iterator[dict]:
+    """In a worker: a DataError becomes a last marker batch (a DataLoader would bury it in a traceback)."""
+    try:
+        yield from batches
+    except DataError as exc:
+        yield {ERROR: str(exc)}
+
+
+def _raise_marked_errors(batches) -> Iterator[dict]:
+    for batch in batches:
+        if ERROR in batch:
+            raise DataError(batch[ERROR])
+        yield batch
 
 
 class _TrainStream(torch.utils.data.IterableDataset):
@@ -69,6 +82,9 @@ class _TrainStream(torch.utils.data.IterableDataset):
         self.s, self.tokenizer, self.epoch, self.start_step, self.steps = settings, tokenizer, epoch, start_step, steps
 
     def __iter__(self) -> Iterator[dict]:
+        return _with_errors_as_batches(self._batches())
+
+    def _batches(self) -> Iterator[dict]:
         s = self.s
         info = torch.utils.data.get_worker_info()
         slot = info.id if info else 0
@@ -77,27 +93,28 @@ class _TrainStream(torch.utils.data.IterableDataset):
         count = len(range(self.start_step + slot, self.steps, s.workers))  # and its batches from there on
         reader, readers = s.rank * s.workers + virtual, s.world_size * s.workers
         name = f"{s.seed}:{self.epoch}:{reader}:{readers}"
-        units = train_units(s.urls, reader, readers, s.seed, self.epoch)
-        samples = read_units(units, max_empty=10 * len(make_units(s.urls, readers)) + 10)
+        units = train_units(s.shards, reader, readers, s.seed, self.epoch)
+        samples = _samples(units, s.text_field, max_empty=10 * len(make_units(s.shards, readers)) + 10)
         samples = wds.shuffle(s.shuffle_buffer, s.shuffle_buffer, rng=random.Random(f"buffer:{name}"))(samples)
         chosen = _pick_sentences(samples, random.Random(f"sentences:{name}"), s.text_field)
         for batch in itertools.islice(batched(chosen, s.batch_size), skip, skip + count):
             yield self._collate(batch)
 
-    def _collate(self, batch: list[tuple[dict, str]]) -> dict:
+    def _collate(self, batch: list[tuple[Sample, str]]) -> dict:
         size = self.s.image_size
         images = _batch_tensor((len(batch), 3, size, size), torch.float32)
         masks = _batch_tensor((len(batch), 1, size, size), torch.float32)
         for i, (sample, _) in enumerate(batch):
-            normalize_(images[i].copy_(image_pixels(_image(sample), size)))  # uint8 → float while copying
-            masks[i, 0].copy_(mask_pixels(sample["mask.png"], size))
+            image = sample.image()
+            normalize_(images[i].copy_(image_pixels(image, size)))  # uint8 → float while copying
+            masks[i, 0].copy_(mask_pixels(sample.mask(image.size), size))
         ids, padding = self.tokenizer([text for _, text in batch], pad_to=self.s.text_len)
         return {
             "images": images,
             "text_ids": ids,
             "text_padding_mask": padding,
             "masks": masks,
-            "keys": [sample["__key__"] for sample, _ in batch],
+            "keys": [sample.key for sample, _ in batch],
         }
 
 
@@ -110,11 +127,10 @@ def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return empty.new(empty._typed_storage()._new_shared(math.prod(shape))).resize_(*shape)
 
 
-def _pick_sentences(samples, rng: random.Random, field: str) -> Iterator[tuple[dict, str]]:
-    """(raw sample, one sentence's text); one draw per sample, so skipping keeps the sequence."""
+def _pick_sentences(samples: Iterator[Sample], rng: random.Random, field: str) -> Iterator[tuple[Sample, str]]:
+    """(sample, one sentence's text); one draw per sample, so skipping keeps the sequence."""
     for sample in samples:
-        sentences = json.loads(sample["json"])["sentences"]
-        yield sample, sentences[rng.randrange(len(sentences))][field]
+        yield sample, sample.sentences[rng.randrange(len(sample.sentences))][field]
 
 
 class TrainLoader:
@@ -142,7 +158,7 @@ class TrainLoader:
         if self.start_step >= self.steps_per_epoch:
             return iter(())
         stream = _TrainStream(self.settings, self.tokenizer, self.epoch, self.start_step, self.steps_per_epoch)
-        return iter(_data_loader(stream, self.num_workers))  # each worker stops after its share
+        return _raise_marked_errors(_data_loader(stream, self.num_workers))  # each worker stops after its share
 
 
 class _EvalStream(torch.utils.data.IterableDataset):
@@ -151,10 +167,13 @@ class _EvalStream(torch.utils.data.IterableDataset):
         self.s, self.tokenizer = settings, tokenizer
 
     def __iter__(self) -> Iterator[dict]:
+        return _with_errors_as_batches(self._batches())
+
+    def _batches(self) -> Iterator[dict]:
         s = self.s
         info = torch.utils.data.get_worker_info()
         reader, readers = s.rank * s.workers + (info.id if info else 0), s.world_size * s.workers
-        items = self._sentences(read_units(eval_units(s.urls, reader, readers)))
+        items = self._sentences(_samples(eval_units(s.shards, reader, readers), s.text_field))
         for batch in batched(items, s.batch_size):
             ids, padding = self.tokenizer([item["text"] for item in batch], pad_to=s.text_len)
             images = _batch_tensor((len(batch), 3, s.image_size, s.image_size), torch.float32)
@@ -168,12 +187,13 @@ class _EvalStream(torch.utils.data.IterableDataset):
                 "texts": [item["text"] for item in batch],
             }
 
-    def _sentences(self, samples) -> Iterator[dict]:
+    def _sentences(self, samples: Iterator[Sample]) -> Iterator[dict]:
         for sample in samples:
-            image = image_to_tensor(_image(sample), self.s.image_size)
-            mask = torch.from_numpy(load_mask(sample["mask.png"]))
-            for sentence in json.loads(sample["json"])["sentences"]:
-                yield {"image": image, "mask": mask, "key": sample["__key__"], "sent_id": sentence["sent_id"], "text": sentence[self.s.text_field]}
+            image = sample.image()
+            mask = torch.from_numpy(sample.mask_array(image.size))
+            pixels = image_to_tensor(image, self.s.image_size)
+            for sentence in sample.sentences:
+                yield {"image": pixels, "mask": mask, "key": sample.key, "sent_id": sentence["sent_id"], "text": sentence[self.s.text_field]}
 
 
 class EvalLoader:
@@ -184,7 +204,7 @@ class EvalLoader:
         self.samples, self.sentences = samples, sentences  # of the whole split, all ranks together
 
     def __iter__(self) -> Iterator[dict]:
-        return iter(_data_loader(self.stream, self.num_workers))
+        return _raise_marked_errors(_data_loader(self.stream, self.num_workers))
 
 
 def _data_loader(stream: torch.utils.data.IterableDataset, num_workers: int) -> torch.utils.data.DataLoader:
@@ -205,11 +225,12 @@ def _settings(data_dir, split, recipe: Recipe, tokenizer: Tokenizer, rank, world
             f"tokenizer max_len {tokenizer.max_len} exceeds model.max_text_len {recipe.model.max_text_len}; "
             f"build it as Tokenizer(path, max_len={recipe.model.max_text_len})"
         )
-    info = split_info(read_manifest(data_dir), split, data_dir)
-    urls = _urls(data_dir, info["shards"], shards)
+    location = data_location(data_dir)
+    info = split_info(read_manifest(location), split, location)
+    shard_list = _shard_list(info, location, shards)
     workers = recipe.data.num_workers if num_workers is None else num_workers
     settings = StreamSettings(
-        urls=urls,
+        shards=shard_list,
         image_size=recipe.model.image_size,
         text_len=recipe.model.max_text_len,
         text_field=recipe.data.text_field,
@@ -223,12 +244,16 @@ def _settings(data_dir, split, recipe: Recipe, tokenizer: Tokenizer, rank, world
     return settings, info, workers
 
 
-def _urls(data_dir, names: list[str], shards: str | list[str] | None) -> list[str]:
-    if shards is None:
-        return [resolve(data_dir, name) for name in names]
-    if isinstance(shards, (str, Path)):
-        return wds.shardlists.expand_urls(str(shards))
-    return [str(url) for url in shards]
+def _shard_list(info: dict, location: DataLocation, other_urls: str | list[str] | None) -> list[ShardInfo]:
+    """The split's shards; ``other_urls`` (a brace pattern or list, in the manifest's order) read the
+    same shards from elsewhere and are verified against the same manifest entries."""
+    shards = split_shards(info, location)
+    if other_urls is None:
+        return shards
+    urls = wds.shardlists.expand_urls(str(other_urls)) if isinstance(other_urls, (str, Path)) else [str(u) for u in other_urls]
+    if len(urls) != len(shards):
+        raise DataError(f"shards= lists {len(urls)} URLs but the manifest lists {len(shards)} shards for this split; give one per shard, in order")
+    return [ShardInfo(shard.name, url, shard.samples, shard.bytes, shard.sha256) for shard, url in zip(shards, urls)]
 
 
 def build_train_loader(
@@ -247,14 +272,16 @@ def build_train_loader(
     """Training batches of ``recipe.data.train_split`` for one DDP rank.
 
     Args:
-        data_dir: a prepared folder, URL prefix or ``{}`` template (see :mod:`.manifest`).
+        data_dir: a prepared folder, or a :class:`~.location.DataLocation` (http(s) prefix or
+            template, or an opted-in ``pipe:`` template).
         recipe: image size, text length, text field, shuffle buffer, seed, batch size, workers.
         tokenizer: a :class:`~shared_ris.Tokenizer` whose ``max_len`` is at most ``model.max_text_len``.
         rank, world_size: this process's place in DDP.
         epoch: selects the shard order and shuffles; start_step: first batch to yield (resume).
         num_workers: DataLoader workers (default ``recipe.data.num_workers``; 0 = main process).
         batch_size: per rank (default ``recipe.train.batch_size``).
-        shards: other URLs for the same shards (brace pattern, list, ``pipe:`` commands).
+        shards: other URLs for the same shards, in the manifest's order (brace pattern, list,
+            ``pipe:`` commands); verified against the manifest like the shards themselves.
 
     Batches: ``images`` (B, 3, S, S) float32 normalised, ``text_ids`` (B, T) long,
     ``text_padding_mask`` (B, T) bool (True = pad), ``masks`` (B, 1, S, S) float32 in {0, 1},

@@ -1,9 +1,9 @@
-"""``manifest.json``: what a prepared folder holds, and where its shards live.
+"""``manifest.json``: what a prepared folder holds, checked as untrusted data before anything is read.
 
-A data location is a local folder, or a remote one the loader reaches through WebDataset's
-``gopen``: a URL prefix (``https://host/refcoco``) or a template with ``{}`` standing for a file
-name (``pipe:aws s3 cp s3://bucket/refcoco/{} -``). The manifest is read the same way, so the
-training node needs nothing on its own disk.
+The manifest lists, per split, its shards (plain file names) with each shard's sample and sentence
+counts, size and SHA-256; readers verify every shard against it (:mod:`.shard_reader`). It is read
+from the same :class:`~.location.DataLocation` as the shards, so a training node needs nothing on
+its own disk.
 """
 
 from __future__ import annotations
@@ -12,35 +12,27 @@ import json
 import re
 from pathlib import Path
 
-import webdataset as wds
-
 from ..fileio import write_text_atomic
 from .errors import DataError
+from .location import DataLocation, check_shard_name, data_location
+from .shard_reader import ShardInfo
 
 MANIFEST = "manifest.json"
-_URL = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)
-
-
-def is_remote(location: str | Path) -> bool:
-    text = str(location)
-    return "{}" in text or (bool(_URL.match(text)) and not re.match(r"^[a-zA-Z]:[\\/]", text))
-
-
-def resolve(location: str | Path, name: str) -> str:
-    """The URL or path of file ``name`` inside a data location."""
-    text = str(location)
-    if "{}" in text:
-        return text.replace("{}", name)
-    if is_remote(text):
-        return f"{text.rstrip('/')}/{name}"
-    return str(Path(text) / name)
+MAX_MANIFEST_BYTES = 256 << 20
+SHA256 = re.compile(r"[0-9a-f]{64}")
+COUNTS = ("samples", "sentences")
+PER_SHARD = {"shard_samples": int, "shard_sentences": int, "shard_bytes": int, "shard_sha256": str}
+RERUN = "re-run the same sris prepare command (it keeps the shards that match)"
 
 
 def load_manifest_file(path: str | Path) -> dict:
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        manifest = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable manifest ({exc}); re-run sris prepare with --overwrite") from None
+        raise DataError(f"{path}: unreadable manifest ({type(exc).__name__}); re-run sris prepare with --overwrite") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: not a manifest (expected a JSON object written by sris prepare); re-run sris prepare with --overwrite")
+    return manifest
 
 
 def write_manifest(out_dir: str | Path, manifest: dict) -> Path:
@@ -48,27 +40,74 @@ def write_manifest(out_dir: str | Path, manifest: dict) -> Path:
     return write_text_atomic(Path(out_dir) / MANIFEST, json.dumps(manifest, indent=1, ensure_ascii=False, default=sorted))
 
 
-def read_manifest(data_dir: str | Path) -> dict:
-    """The manifest of a prepared data location (local folder, URL prefix or ``{}`` template).
+def _read_remote(location: DataLocation) -> dict:
+    where = location.where(MANIFEST)
+    try:
+        with location.open(MANIFEST) as stream:
+            text = stream.read(MAX_MANIFEST_BYTES + 1)
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise DataError(f"{where}: more than {MAX_MANIFEST_BYTES >> 20} MB, not a manifest")
+        manifest = json.loads(text.decode("utf-8"))
+    except DataError:
+        raise
+    except Exception as exc:  # gopen reports failures of the pipe or server in several ways
+        raise DataError(f"{where}: cannot read the manifest ({type(exc).__name__}: {exc}); check the data location") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{where}: not a manifest (expected a JSON object written by sris prepare)")
+    return manifest
+
+
+def read_manifest(data_dir: str | Path | DataLocation) -> dict:
+    """The checked manifest of a prepared data location (a folder, or a :class:`DataLocation`).
 
     Raises:
-        DataError: missing, unreadable, or left by a preparation that did not finish.
+        DataError: missing, unreadable, malformed, or left by a preparation that did not finish.
     """
-    where = resolve(data_dir, MANIFEST)
-    if is_remote(data_dir):
-        try:
-            with wds.gopen(where, "rb") as stream:
-                text = stream.read().decode("utf-8")
-            manifest = json.loads(text)
-        except Exception as exc:  # gopen reports failures of the pipe or server in several ways
-            raise DataError(f"{where}: cannot read the manifest ({type(exc).__name__}: {exc}); check the data location") from None
-    else:
+    location = data_location(data_dir)
+    where = location.where(MANIFEST)
+    if location.is_local:
         if not Path(where).is_file():
             raise DataError(f"{where}: no manifest; run `sris prepare` to create this data folder first")
         manifest = load_manifest_file(where)
-    if not manifest.get("complete", False):
+    else:
+        manifest = _read_remote(location)
+    if manifest.get("complete") is not True:
         raise DataError(f"{where}: preparation did not finish; re-run the same `sris prepare` command to resume it")
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        raise DataError(f"{where}: 'splits' must be an object of split entries; re-run sris prepare with --overwrite")
+    for name, info in splits.items():
+        _check_split(name, info, where)
     return manifest
+
+
+def _check_split(name: str, info, where: str) -> None:
+    if not isinstance(info, dict):
+        raise DataError(f"{where}: split {name!r} must be an object; re-run sris prepare with --overwrite")
+    for key in COUNTS:
+        if not _is_count(info.get(key)):
+            raise DataError(f"{where}: split {name}: {key!r} must be a count, got {info.get(key)!r}; re-run sris prepare with --overwrite")
+    shards = info.get("shards")
+    if not isinstance(shards, list):
+        raise DataError(f"{where}: split {name}: 'shards' must be a list of file names; re-run sris prepare with --overwrite")
+    for shard in shards:
+        check_shard_name(shard, where)
+    for key, kind in PER_SHARD.items():
+        values = info.get(key)
+        if values is None and key in ("shard_bytes", "shard_sha256"):
+            raise DataError(f"{where}: split {name} has no shard digests (prepared by an older shared-ris); {RERUN}")
+        if not isinstance(values, list) or len(values) != len(shards) or not all(_is_count(v) if kind is int else _is_digest(v) for v in values):
+            raise DataError(f"{where}: split {name}: {key!r} must list one {kind.__name__} per shard; re-run sris prepare with --overwrite")
+    if sum(info["shard_samples"]) != info["samples"] or sum(info["shard_sentences"]) != info["sentences"]:
+        raise DataError(f"{where}: split {name}: the per-shard counts do not add up to the split's; re-run sris prepare with --overwrite")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_digest(value) -> bool:
+    return isinstance(value, str) and SHA256.fullmatch(value) is not None
 
 
 def split_info(manifest: dict, split: str, where: str | Path = "") -> dict:
@@ -78,3 +117,19 @@ def split_info(manifest: dict, split: str, where: str | Path = "") -> dict:
         have = ", ".join(s for s in splits if splits[s].get("shards")) or "none"
         raise DataError(f"{where or 'data'}: no samples for split '{split}' (prepared splits: {have}); prepare it or set data.train_split / data.val_split")
     return splits[split]
+
+
+def split_shards(info: dict, location: DataLocation) -> list[ShardInfo]:
+    """The shards of one split (an entry of a checked manifest) as :class:`ShardInfo`, with the
+    sizes to check before reading (local folders) and the digests to check while reading."""
+    shards = [
+        ShardInfo(name, location.where(name), samples, size, digest)
+        for name, samples, size, digest in zip(info["shards"], info["shard_samples"], info["shard_bytes"], info["shard_sha256"])
+    ]
+    if location.is_local:
+        for shard in shards:
+            found = Path(shard.where).stat().st_size if Path(shard.where).is_file() else None
+            if found != shard.bytes:
+                state = "is missing" if found is None else f"has {found} bytes instead of {shard.bytes}"
+                raise DataError(f"{shard.where}: {state} (truncated or altered); {RERUN}")
+    return shards

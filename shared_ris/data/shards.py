@@ -14,6 +14,7 @@ import concurrent.futures as cf
 import multiprocessing
 import json
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -21,8 +22,10 @@ from typing import Callable, Iterable
 import webdataset as wds
 
 from .. import __version__
-from ..fileio import atomic_write
+from ..distributed import exit_with_parent
+from ..fileio import atomic_write, check_output_folder, confined, file_sha256
 from .errors import DataError
+from .location import check_shard_name
 from .manifest import MANIFEST, load_manifest_file, write_manifest
 
 DEFAULT_SHARD_SIZE = 1000
@@ -75,6 +78,11 @@ def _init_worker(counter) -> None:
     _counter = counter
 
 
+def _init_pool_worker(counter) -> None:
+    _init_worker(counter)
+    exit_with_parent(signal.SIGKILL)  # a pool worker must not outlive a killed `sris prepare`
+
+
 def _tick() -> None:
     if isinstance(_counter, _InlineTally):
         _counter.add()
@@ -102,11 +110,29 @@ def write_shard(out_dir: str, job: ShardJob, make_sample: SampleMaker, strict: b
                     stats["image_ids"].add(item["image_id"])
                 _tick()
     stats["bytes"] = final.stat().st_size
+    stats["sha256"] = file_sha256(final)
     stats["image_ids"] = sorted(stats["image_ids"])
     return stats
 
 
 # -- main side --------------------------------------------------------------------------------------
+
+
+def _our_shards(out: Path, names) -> list[Path]:
+    """Paths of the shard names a manifest lists, each a plain name confined to ``out`` (a manifest
+    is data: an absolute or ``..`` name must never make us delete anything outside the folder)."""
+    return [confined(out, check_shard_name(name, out / MANIFEST), "manifest shard name") for name in names]
+
+
+def _shard_intact(path: Path, stats: dict) -> bool:
+    """A recorded shard is kept only if its file has the recorded size and SHA-256. A record from an
+    older version without a digest gets one when its size matches."""
+    if not path.is_file() or not isinstance(stats, dict) or path.stat().st_size != stats.get("bytes"):
+        return False
+    digest = file_sha256(path)
+    if "sha256" not in stats:
+        stats["sha256"] = digest
+    return stats["sha256"] == digest
 
 
 def _resume_state(out: Path, jobs: list[ShardJob], config: dict, overwrite: bool) -> dict[str, dict]:
@@ -116,24 +142,23 @@ def _resume_state(out: Path, jobs: list[ShardJob], config: dict, overwrite: bool
     """
     path = out / MANIFEST
     previous = load_manifest_file(path) if path.is_file() else {}
+    records = previous.get(RECORDS, {})
+    if not isinstance(records, dict):
+        raise DataError(f"{path}: {RECORDS!r} must be an object; pass --overwrite to rebuild the folder")
     names = {job.name for job in jobs}
-    ours = names | set(previous.get(RECORDS, {})) if overwrite else names
-    for tmp in out.glob("*.tar.tmp"):
-        if tmp.name[: -len(".tmp")] in ours:
-            tmp.unlink()
-    if overwrite:
-        for name in ours:
-            (out / name).unlink(missing_ok=True)
+    ours = names | set(records) if overwrite else names
+    for shard in _our_shards(out, ours):
+        shard.with_name(shard.name + ".tmp").unlink(missing_ok=True)
+        if overwrite:
+            shard.unlink(missing_ok=True)
+    if overwrite or not previous:
         return {}
-    if not previous:
-        return {}
-    old = {**previous.get("config", {}), "sources": previous.get("sources")}
+    old = {**previous.get("config", {}), "sources": previous.get("sources")} if isinstance(previous.get("config"), dict) else None
     if old != config:
-        diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-        detail = ", ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in diff[:3])
+        diff = sorted(k for k in set(old or {}) | set(config) if (old or {}).get(k) != config.get(k))
+        detail = ", ".join(f"{k}: {(old or {}).get(k)!r} -> {config.get(k)!r}" for k in diff[:3])
         raise DataError(f"{path}: this folder was prepared with other settings ({detail}); pass --overwrite to rebuild it or choose another --out")
-    done = previous.get(RECORDS, {})
-    return {name: stats for name, stats in done.items() if name in names and (out / name).is_file()}
+    return {name: stats for name, stats in records.items() if name in names and _shard_intact(out / name, stats)}
 
 
 def write_all(
@@ -153,6 +178,7 @@ def write_all(
     the in-progress manifest carries it, and a re-run resumes only if config and sources match.
     """
     out = Path(out_dir)
+    check_output_folder(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     done = _resume_state(out, jobs, {**header["config"], "sources": header["sources"]}, overwrite)
     todo = [job for job in jobs if job.name not in done]
@@ -184,7 +210,7 @@ def _run_inline(out, todo, make_sample, strict, progress, total, record) -> None
 def _run_pool(out, todo, make_sample, strict, progress, total, record, workers) -> None:
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     counter = context.Value("q", 0)
-    with cf.ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_init_worker, initargs=(counter,)) as pool:
+    with cf.ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_init_pool_worker, initargs=(counter,)) as pool:
         futures = {pool.submit(write_shard, str(out), job, make_sample, strict): job for job in todo}
         pending = set(futures)
         try:
@@ -218,6 +244,8 @@ def summarize(jobs: Iterable[ShardJob], done: dict[str, dict]) -> tuple[dict, li
         split["shards"].append(job.name)
         split["shard_samples"].append(stats["samples"])
         split["shard_sentences"].append(stats["sentences"])
+        split["shard_bytes"].append(stats["bytes"])
+        split["shard_sha256"].append(stats["sha256"])
     for name, split in splits.items():
         split["images"] = len(images[name])
     return splits, skipped
@@ -232,7 +260,10 @@ def skip_counts(skipped: list[dict]) -> dict[str, int]:
 
 
 def _empty_split() -> dict:
-    return {"samples": 0, "sentences": 0, "images": 0, "bytes": 0, "shards": [], "shard_samples": [], "shard_sentences": []}
+    return {
+        "samples": 0, "sentences": 0, "images": 0, "bytes": 0,
+        "shards": [], "shard_samples": [], "shard_sentences": [], "shard_bytes": [], "shard_sha256": [],
+    }  # fmt: skip
 
 
 def default_workers() -> int:

@@ -1,0 +1,94 @@
+"""One shard sample as untrusted data: members present, JSON of the expected shape, image and
+mask decodable within a pixel bound and of the same size. Every failure is one :class:`DataError`
+naming the shard and the sample."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .errors import DataError
+from .transforms import load_image
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+MAX_SAMPLE_PIXELS = 40_000_000  # a COCO image has under 0.4 MP; stops decompression bombs before decoding
+FIX = "re-run sris prepare with --overwrite"
+
+
+@dataclass
+class Sample:
+    """A checked sample: ``sentences`` is a non-empty list of {"sent_id": int, "sent": str, "raw": str, …}."""
+
+    key: str
+    where: str  # the shard, for messages
+    image_bytes: bytes
+    mask_bytes: bytes
+    meta: dict
+    sentences: list[dict]
+
+    def fail(self, problem: str) -> DataError:
+        return DataError(f"{self.where}: sample {self.key}: {problem}; {FIX}")
+
+    def image(self) -> Image.Image:
+        """The image as RGB, EXIF ignored (COCO masks are drawn on the stored pixel grid)."""
+        return load_image(self._open(self.image_bytes, "image"), exif_transpose=False)
+
+    def mask(self, size: tuple[int, int]) -> Image.Image:
+        """The mask as an 8-bit image, which must be ``size`` = (width, height), the image's size."""
+        mask = self._open(self.mask_bytes, "mask.png")
+        if mask.size != tuple(size):
+            raise self.fail(f"mask.png is {mask.size[0]}x{mask.size[1]} but the image is {size[0]}x{size[1]}")
+        return mask if mask.mode in ("L", "1") else mask.convert("L")
+
+    def mask_array(self, size: tuple[int, int]) -> np.ndarray:
+        """(H, W) uint8 in {0, 1}."""
+        return (np.asarray(self.mask(size).convert("L")) > 127).astype(np.uint8)
+
+    def _open(self, data: bytes, member: str) -> Image.Image:
+        try:
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > MAX_SAMPLE_PIXELS:
+                raise self.fail(f"{member} claims {width}x{height} pixels, more than {MAX_SAMPLE_PIXELS} (a decompression bomb?)")
+            image.load()
+            return image
+        except DataError:
+            raise
+        except Exception as exc:  # PIL raises many types for corrupt data, including DecompressionBombError
+            raise self.fail(f"{member} cannot be decoded ({type(exc).__name__})") from None
+
+
+def parse_sample(raw: dict, where: str, text_field: str) -> Sample:
+    """A raw shard sample (``__key__`` and bytes per member) → :class:`Sample`, checked."""
+    key = raw["__key__"]
+    image_key = next((k for k in IMAGE_KEYS if k in raw), None)
+    for member, present in (("an image", image_key), ("mask.png", "mask.png" in raw), ("json", "json" in raw)):
+        if not present:
+            raise DataError(f"{where}: sample {key} has no {member} (members: {', '.join(k for k in raw if k != '__key__')}); {FIX}")
+    try:
+        meta = json.loads(raw["json"].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{where}: sample {key}: its json member is not valid UTF-8 JSON ({type(exc).__name__}); {FIX}") from None
+    sample = Sample(key, where, raw[image_key], raw["mask.png"], meta if isinstance(meta, dict) else {}, [])
+    if not isinstance(meta, dict):
+        raise sample.fail("its json member is not an object")
+    sample.sentences = _check_sentences(sample, meta.get("sentences"), text_field)
+    return sample
+
+
+def _check_sentences(sample: Sample, sentences, text_field: str) -> list[dict]:
+    if not isinstance(sentences, list) or not sentences:
+        raise sample.fail("'sentences' must be a non-empty list")
+    for i, sentence in enumerate(sentences):
+        if not isinstance(sentence, dict):
+            raise sample.fail(f"sentence {i} must be an object with sent_id, sent and raw, got {type(sentence).__name__}")
+        sent_id, text = sentence.get("sent_id"), sentence.get(text_field)
+        if not isinstance(sent_id, int) or isinstance(sent_id, bool):
+            raise sample.fail(f"sentence {i}: 'sent_id' must be an integer, got {sent_id!r}")
+        if not isinstance(text, str) or not text.strip():
+            raise sample.fail(f"sentence {sent_id}: '{text_field}' must be a non-empty string, got {text!r}")
+    return sentences
