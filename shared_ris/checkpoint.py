@@ -30,7 +30,7 @@ from .tokenizer import Tokenizer
 CHECKPOINT_VERSION = 1
 RESUME_KEYS = ("model", "optimizer", "epoch", "epoch_step", "step", "best_oiou", "rng", "recipe")
 # Looked for next to a checkpoint when no tokenizer is given or recorded.
-TOKENIZER_NAMES = ("spm.model", "tokenizer.model", "beit3.spm")
+TOKENIZER_NAMES = ("tokenizer.model", "spm.model", "beit3.spm")
 
 
 # -- writing ---------------------------------------------------------------------------------------
@@ -139,17 +139,19 @@ def find_tokenizer(
     recorded: str | None = None,
     data_dir: str | Path | None = None,
 ) -> Path:
-    """Which sentencepiece file to use, first found of: ``explicit``; ``data_dir/spm.model``; the path
-    the checkpoint recorded (as given, then beside the checkpoint); ``spm.model`` / ``tokenizer.model`` /
-    ``beit3.spm`` beside the checkpoint. Raises a one-line error naming the places it looked."""
+    """Which sentencepiece file to use, first found of: ``explicit``; ``data_dir/spm.model``; beside
+    the checkpoint, the file name it recorded, then ``tokenizer.model`` / ``spm.model`` / ``beit3.spm``.
+
+    ``recorded`` comes from the checkpoint, which is data: only its file name is used, and only
+    inside the checkpoint's folder. Raises a one-line error naming the places it looked."""
     if explicit is not None:
         return Path(explicit)
     folder = Path(checkpoint_path).parent
     candidates = []
     if data_dir is not None:
         candidates.append(Path(data_dir) / "spm.model")
-    if recorded:
-        candidates += [Path(recorded), folder / Path(recorded).name]
+    if recorded and Path(recorded).name not in ("", ".", ".."):
+        candidates.append(folder / Path(recorded).name)
     candidates += [folder / name for name in TOKENIZER_NAMES]
     for candidate in candidates:
         if candidate.is_file():

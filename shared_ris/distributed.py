@@ -6,6 +6,9 @@ each process joins a group: NCCL when it drives a GPU, gloo on CPU.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import os
 import signal
 import socket
@@ -20,6 +23,9 @@ import torch.distributed as dist
 
 from .device import pick_device
 from .errors import SharedRISError
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class LaunchError(SharedRISError):
@@ -47,6 +53,20 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def exit_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux; elsewhere a no-op).
+
+    Workers use it so that killing a launcher, even with SIGKILL, takes its workers down instead
+    of leaving them running (SIGTERM: training workers save ``last.pt`` first)."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), sig)
+
+
 def is_main_process() -> bool:
     """True alone and on torchrun's rank 0: the process that prints and writes reports."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -54,7 +74,10 @@ def is_main_process() -> bool:
 
 def setup(device: str | torch.device | None = None) -> DistEnv:
     """Read RANK / WORLD_SIZE / LOCAL_RANK and join the process group when there are several processes."""
-    if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+    if not under_torchrun():
+        return DistEnv(device=pick_device(0, device))
+    exit_with_parent(signal.SIGTERM)  # if torchrun dies, save and stop rather than run on as an orphan
+    if int(os.environ["WORLD_SIZE"]) == 1:
         return DistEnv(device=pick_device(0, device))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -127,24 +150,41 @@ def torchrun_command(
     ]  # fmt: skip
 
 
-def launch(command: list[str], nproc_per_node: int, stop_file: Path | None = None) -> int:
-    """Run ``command`` (a :func:`torchrun_command` line) and wait; forward SIGTERM / SIGINT to it.
+def child_processes(pid: int) -> list[int]:
+    """PIDs whose parent is ``pid``, from Linux's /proc ([] elsewhere)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4, after the command name in parentheses
+            found.append(int(entry.name))
+    return found
 
-    torchrun passes the signal on to its workers, which save ``last.pt`` and exit. Returns the
-    child's exit status, or 0 when a stop signal was forwarded and ``stop_file`` (``last.pt``)
-    was written after it, i.e. the workers stopped cleanly as asked. CPU threads are split
-    between the node's processes unless OMP_NUM_THREADS is set, and torchrun waits up to 600 s
-    (TORCH_ELASTIC_SHUTDOWN_TIMEOUT; its default is 30) for workers to save before killing them.
+
+def launch(command: list[str], nproc_per_node: int, stop_file: Path | None = None) -> int:
+    """Run ``command`` (a :func:`torchrun_command` line) and wait; pass SIGTERM / SIGINT to the workers.
+
+    torchrun runs in its own session and dies with this process (:func:`exit_with_parent`), so a
+    killed launcher never leaves a run going. A stop signal goes straight to torchrun's workers,
+    which save ``last.pt`` and exit 0, so torchrun ends cleanly instead of printing its own signal
+    traceback (it gets the signal itself only before its workers exist). Returns the child's exit
+    status, or 0 when a stop signal was passed on and ``stop_file`` (``last.pt``) was written after
+    it. CPU threads are split between the node's processes unless OMP_NUM_THREADS is set, and
+    torchrun waits up to 600 s (TORCH_ELASTIC_SHUTDOWN_TIMEOUT; its default is 30) for workers to save.
     """
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, nproc_per_node))))
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "600")
-    child = subprocess.Popen(command, env=env)
+    child = subprocess.Popen(command, env=env, start_new_session=True, preexec_fn=exit_with_parent)
     signalled_at: list[float] = []
 
     def forward(signum, _frame):
         signalled_at.append(time.time())
-        child.send_signal(signum)
+        for pid in child_processes(child.pid) or [child.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -4,6 +4,7 @@ and the one check that a path derived from data stays inside its folder."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -74,3 +75,34 @@ def load_torch_file(path: str | Path, missing_hint: str, mmap: bool = False):
         text = str(exc).strip()
         first = (text.splitlines()[0] if text else type(exc).__name__)[:160]
         raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({first})") from None
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _first_existing(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def check_output_folder(path: str | Path, option: str) -> None:
+    """Before any work: ``path`` can become a folder (it is one, or it and its missing parents can be made)."""
+    path = Path(path)
+    found = _first_existing(path)
+    if not found.is_dir():
+        raise SharedRISError(f"{found}: exists and is not a folder, so {option} {path} cannot be created; choose another {option}")
+
+
+def check_output_file(path: str | Path, option: str) -> None:
+    """Before any work: ``path`` can be written as a file (not a folder; its parents can be made)."""
+    path = Path(path)
+    if path.is_dir():
+        raise SharedRISError(f"{path}: is a folder; {option} needs a file name")
+    check_output_folder(path.parent, option)

@@ -23,7 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 from .checkpoint import load_checkpoint, load_tokenizer
 from .config import Recipe
 from .data import build_eval_loader, build_train_loader, read_manifest
-from .data.manifest import is_remote, split_info
+from .data.location import DataLocation, data_location
+from .data.manifest import split_info
 from .device import amp_for, autocast
 from .distributed import DistEnv, setup, sum_across_ranks, teardown
 from .errors import SharedRISError
@@ -31,7 +32,7 @@ from .evaluate import evaluate_model
 from .layers.sync_batchnorm import convert_sync_batchnorm
 from .model import SharedRIS, build_model, segmentation_loss
 from .optim import build_optimizer, lr_at, set_lr
-from .run_folder import RunFolder
+from .run_folder import RunFolder, check_folder_free
 from .stop_signal import StopOnSignal
 from .tokenizer import Tokenizer
 from .train_state import RunState, set_rng_state
@@ -85,10 +86,10 @@ class ShardData:
         return self._val()
 
 
-def default_tokenizer_path(data_dir: str | Path) -> Path | None:
+def default_tokenizer_path(location: DataLocation) -> Path | None:
     """The synthetic set ships its own ``spm.model``; real data needs ``--tokenizer beit3.spm``."""
-    candidate = Path(data_dir) / "spm.model"
-    return candidate if candidate.is_file() else None  # remote data: pass --tokenizer
+    candidate = Path(location.text) / "spm.model"
+    return candidate if location.is_local and candidate.is_file() else None  # remote data: pass --tokenizer
 
 
 def preflight(
@@ -105,17 +106,16 @@ def preflight(
 
     Returns the tokenizer. The CLI calls it before launching torchrun, so a bad path fails once.
     """
-    if not is_remote(data_dir) and not Path(data_dir).is_dir():
-        raise TrainError(f"{data_dir}: data directory not found; run `sris prepare` first and pass its output as --data")
-    manifest = read_manifest(data_dir)
-    split_info(manifest, recipe.data.val_split, data_dir)
-    samples = split_info(manifest, recipe.data.train_split, data_dir)["samples"]
+    location = data_location(data_dir)
+    manifest = read_manifest(location)
+    split_info(manifest, recipe.data.val_split, location)
+    samples = split_info(manifest, recipe.data.train_split, location)["samples"]
     if samples < recipe.train.batch_size * world_size:
         raise TrainError(
             f"the '{recipe.data.train_split}' split has {samples} samples, fewer than one batch of "
             f"train.batch_size={recipe.train.batch_size} × {world_size} process(es); lower train.batch_size"
         )
-    tokenizer_path = tokenizer_path or default_tokenizer_path(data_dir)
+    tokenizer_path = tokenizer_path or default_tokenizer_path(location)
     if tokenizer_path is None:
         raise TrainError(f"no tokenizer: pass --tokenizer beit3.spm ({data_dir} has no spm.model)")
     tokenizer = load_tokenizer(tokenizer_path, recipe)
@@ -123,9 +123,17 @@ def preflight(
         raise TrainError(f"{pretrained}: pretrained file not found; download beit3_base_patch16_224.pth from the BEiT-3 README")
     if resume not in (None, "auto") and not Path(resume).is_file():
         raise TrainError(f"{resume}: no checkpoint to resume from; pass --resume auto or a path to last.pt")
-    if resume is None and out_dir is not None and (Path(out_dir) / "last.pt").is_file():
-        raise TrainError(f"{out_dir} already holds a run (last.pt); pass --resume auto to continue it or choose another --out")
+    if out_dir is not None:
+        _check_out_dir(Path(out_dir), resume)
     return tokenizer
+
+
+def _check_out_dir(out_dir: Path, resume) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TrainError(f"{out_dir}: exists and is not a folder; choose another --out")
+    if resume is None and (out_dir / "last.pt").is_file():
+        raise TrainError(f"{out_dir} already holds a run (last.pt); pass --resume auto to continue it or choose another --out")
+    check_folder_free(out_dir)
 
 
 def train(
@@ -149,7 +157,7 @@ def train(
     try:
         tokenizer = preflight(
             recipe, data_dir, pretrained=pretrained, tokenizer_path=tokenizer_path, resume=resume, world_size=env.world_size,
-            out_dir=out_dir,
+            out_dir=out_dir if env.is_main else None,  # rank 0 alone checks (and then locks) the run folder
         )
         data = ShardData(data_dir, recipe, tokenizer, env)
         return train_loop(
@@ -320,21 +328,20 @@ def train_loop(
     if env.device.type == "cpu":
         torch.set_flush_denormal(True)  # denormal activations and Adam moments made CPU steps up to 100× slower
     notify = progress if (progress is not None and env.is_main) else (lambda event: None)
-    run = RunFolder(out_dir, recipe, env, tokenizer_path)
-    checkpoint_path = run.resume_path(resume)
-    trainee = build_trainee(recipe, env, pretrained if checkpoint_path is None else None, notify)
-    total_steps = total_train_steps(cfg, data.steps_per_epoch)
-    torch.manual_seed(cfg.seed + env.rank)  # drop path differs across ranks, repeatably
-    state = resume_from(checkpoint_path, trainee, recipe, env, notify) if checkpoint_path else RunState()
-    run.open_log(state.step if checkpoint_path else None)
-    if env.distributed:
-        trainee.ddp = DistributedDataParallel(trainee.model, device_ids=[env.device] if env.device.type == "cuda" else None)
-    notify({"event": "start", "step": state.step, "total_steps": total_steps, "steps_per_epoch": data.steps_per_epoch, "world_size": env.world_size})
+    with RunFolder(out_dir, recipe, env, tokenizer_path) as run, StopOnSignal() as stop:
+        checkpoint_path = run.resume_path(resume)
+        trainee = build_trainee(recipe, env, pretrained if checkpoint_path is None else None, notify)
+        total_steps = total_train_steps(cfg, data.steps_per_epoch)
+        torch.manual_seed(cfg.seed + env.rank)  # drop path differs across ranks, repeatably
+        state = resume_from(checkpoint_path, trainee, recipe, env, notify) if checkpoint_path else RunState()
+        run.open_log(state.step if checkpoint_path else None)
+        if env.distributed:
+            trainee.ddp = DistributedDataParallel(trainee.model, device_ids=[env.device] if env.device.type == "cuda" else None)
+        notify({"event": "start", "step": state.step, "total_steps": total_steps, "steps_per_epoch": data.steps_per_epoch, "world_size": env.world_size})
 
-    trainee.model.train()
-    stopped, val, val_step = False, None, -1
-    meter = Throughput(cfg.batch_size * env.world_size, state.step)
-    with StopOnSignal() as stop:
+        trainee.model.train()
+        stopped, val, val_step = False, None, -1
+        meter = Throughput(cfg.batch_size * env.world_size, state.step)
         while state.step < total_steps and not stopped:
             for batch in rng_neutral(data.train_batches(state.epoch, state.epoch_step)):
                 lr = lr_at(state.step, total_steps, cfg)
@@ -366,7 +373,7 @@ def train_loop(
             val = validate_and_save(run, trainee, data, recipe, state, notify)
     summary = {
         "step": state.step, "epoch": state.epoch, "best_oiou": state.best_oiou, "val": val, "stopped": stopped,
-        "out_dir": str(run.path), "wall_s": time.time() - started,
+        "out_dir": str(Path(out_dir)), "wall_s": time.time() - started,
     }  # fmt: skip
     notify({"event": "end", **summary})
     return summary
