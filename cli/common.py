@@ -5,10 +5,11 @@ from __future__ import annotations
 import functools
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from shared_ris.errors import SharedRISError
 from shared_ris.fileio import write_text_atomic
@@ -16,13 +17,23 @@ from shared_ris.fileio import write_text_atomic
 console = Console()
 err_console = Console(stderr=True)
 
+DataOption = typer.Option(
+    ..., "--data", "-d",
+    help="A folder written by sris prepare, or an http(s):// prefix or template ({} = file name) where its files are.",
+)
+AllowPipeOption = typer.Option(
+    False, "--allow-pipe",
+    help="Accept a 'pipe:COMMAND {}' --data location: the shell runs COMMAND with {} replaced by each file name.",
+)
 RecipeOption = typer.Option("base", "--recipe", "-r", help="Recipe name (base, large, tiny) or a YAML path.")
 SetOption = typer.Option(None, "--set", help="Override a recipe key, e.g. --set model.fpn.stages=[6,12]. Repeatable.")
 
 
-def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+def fail(message: str, code: int = 2, exit_with: type = typer.Exit) -> NoReturn:
+    """Print ``error: MESSAGE`` as one line on stderr and exit with ``code``."""
+    # messages quote data (file names, prompts): escaped, so "[/x]" in one is text, not console markup
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise exit_with(code)
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -36,6 +47,8 @@ def user_errors(fn: Callable) -> Callable:
             fail(str(exc))
         except FileNotFoundError as exc:
             fail(f"{exc.filename or exc}: file not found")
+        except OSError as exc:  # a folder where a file was expected, no permission, disk full, ...
+            fail(f"{exc.filename or 'output'}: {exc.strerror or exc}")
         except KeyboardInterrupt:
             fail("interrupted", code=130)
 

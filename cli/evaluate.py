@@ -10,11 +10,13 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from shared_ris.data.location import data_location
 from shared_ris.distributed import check_gpus, is_main_process, under_torchrun
+from shared_ris.fileio import check_output_file, check_output_folder
 from shared_ris.evaluate import PROTOCOLS, RESOLUTIONS, check_eval_inputs, evaluate_run, parse_splits, resolve_protocol
 from shared_ris.visualize import plot_iou_by_size
 
-from .common import console, fail, user_errors, write_json
+from .common import AllowPipeOption, DataOption, console, fail, user_errors, write_json
 from .launch import relaunch
 
 Resolution = Enum("Resolution", {name: name for name in RESOLUTIONS}, type=str)
@@ -48,11 +50,23 @@ def render_split(split: str, figures: dict, protocol_line: str) -> None:
     console.print(protocol_line, style="dim", highlight=False, soft_wrap=True)
 
 
+def _check_options(gpus: int, nproc: int, workers: int | None, batch_size: int | None) -> None:
+    if gpus < 1 or nproc < 1:
+        fail(f"--gpus and --nproc count processes: give 1 or more, got {gpus if gpus < 1 else nproc}")
+    if gpus > 1 and nproc > 1:
+        fail("give --gpus N (GPUs) or --nproc N (CPU processes), not both")
+    if workers is not None and workers < 0:
+        fail(f"--workers must be 0 (read in the main process) or more, got {workers}")
+    if batch_size is not None and batch_size < 1:
+        fail(f"--batch-size must be at least 1, got {batch_size}")
+
+
 @user_errors
 def evaluate(
     ctx: typer.Context,
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A trained run's best.pt or last.pt."),
-    data: Path = typer.Option(..., "--data", "-d", help="A folder written by sris prepare."),
+    data: str = DataOption,
+    allow_pipe: bool = AllowPipeOption,
     split: str = typer.Option("val", "--split", "-s", help="Split(s) to score, comma-separated, e.g. val,testA,testB."),
     protocol: Preset = typer.Option(
         "default", "--protocol",
@@ -81,13 +95,18 @@ def evaluate(
         inclusive=None if precision is None else precision.value == "inclusive",
     )
     splits = parse_splits(split)
-    if gpus > 1 and nproc > 1:
-        fail("give --gpus N (GPUs) or --nproc N (CPU processes), not both")
+    _check_options(gpus, nproc, workers, batch_size)
+    for path, option in ((json_path, "--json"), (plot, "--plot")):
+        if path is not None:
+            check_output_file(path, option)
+    if save_masks is not None:
+        check_output_folder(save_masks, "--save-masks")
+    location = data_location(data, allow_pipe=allow_pipe)
     processes = max(gpus, nproc)
     if processes > 1 and not under_torchrun():  # the launcher: check once, then run N copies of this command
         if gpus > 1:
             check_gpus(gpus)
-        check_eval_inputs(checkpoint, data, splits, tokenizer=tokenizer)
+        check_eval_inputs(checkpoint, location, splits, tokenizer=tokenizer)
         relaunch(ctx, processes, device="cuda" if gpus > 1 else device or "cpu")
 
     is_main = is_main_process()
@@ -101,7 +120,7 @@ def evaluate(
             bar.update(tasks[name], completed=done)
 
         report = evaluate_run(
-            checkpoint, data, splits, tokenizer=tokenizer, resolution=chosen.resolution, threshold=chosen.threshold,
+            checkpoint, location, splits, tokenizer=tokenizer, resolution=chosen.resolution, threshold=chosen.threshold,
             inclusive=chosen.inclusive, save_masks=save_masks, device=device, batch_size=batch_size,
             num_workers=workers, progress=advance,
         )  # fmt: skip

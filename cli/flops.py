@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from shared_ris import load_recipe
+from shared_ris.fileio import check_output_file
 from shared_ris.flops import count_flops
 
 from .common import RecipeOption, SetOption, console, user_errors, write_json
@@ -22,6 +23,8 @@ def flops(
 ) -> None:
     """Count parameters and FLOPs (fvcore multiply-adds) of the encoder, FPN and decoder."""
     resolved = load_recipe(recipe, set_ or [])
+    if json_path is not None:
+        check_output_file(json_path, "--json")
     with console.status(f"tracing {resolved.name} at {resolved.model.image_size} px…"):
         report = count_flops(resolved)
     table = Table(title=f"Shared-RIS '{report['recipe']}': {report['image_size']} px, {report['text_len']} text tokens")

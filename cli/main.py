@@ -1,9 +1,12 @@
 """The ``sris`` command: a thin layer that parses options, calls one library function, renders."""
 
+import sys
+
 import typer
 
 import shared_ris
 
+from .common import fail
 from .evaluate import evaluate
 from .flops import flops
 from .predict import predict
@@ -38,8 +41,18 @@ app.command()(predict)
 app.command()(flops)
 
 
-def main() -> None:  # pragma: no cover - console entry
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """The console entry: like ``app()``, but a usage error (unknown option, bad value) is one line
+    and exit code 2, like every other error, instead of click's boxed usage text."""
+    try:
+        code = app(args=argv, prog_name="sris", standalone_mode=False)
+    except typer.TyperException as exc:  # click's UsageError / BadParameter
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        fail(f"{exc.format_message()}{hint}", code=getattr(exc, "exit_code", 2), exit_with=SystemExit)
+    except typer.Abort:
+        fail("aborted", code=1, exit_with=SystemExit)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

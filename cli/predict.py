@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from shared_ris.predict import predict_folder
+from shared_ris.predict import DEFAULT_BATCH_PIXELS, predict_folder
+from shared_ris.predictor import DEFAULT_MAX_PIXELS
 
 from .common import console, err_console, user_errors
 
@@ -21,9 +23,16 @@ def predict(
     out: Path = typer.Option(Path("predictions"), "--out", "-o", help="Output folder (created; files of a re-run are overwritten)."),
     prompts: Optional[Path] = typer.Option(
         None, "--prompts", help="Per-image texts: JSON lines {\"file\": ..., \"text\": ...} or a CSV with a file,text header; "
-        "file names are relative to PATH's folder. Images it does not name get TEXT, if given.",
+        "file names are relative to PATH's folder and must lie inside it. Images it does not name get TEXT, if given.",
     ),
     batch_size: int = typer.Option(8, "--batch-size", "-b", help="(image, text) pairs per forward pass."),
+    max_pixels: int = typer.Option(
+        DEFAULT_MAX_PIXELS, "--max-pixels", help="Skip (and report) an image whose header declares more pixels than this "
+        "(default 8192×8192; Pillow refuses more than about 179 MP whatever this says).",
+    ),
+    batch_pixels: int = typer.Option(
+        DEFAULT_BATCH_PIXELS, "--batch-pixels", help="Run a batch early once its (image, text) pairs hold this many decoded pixels.",
+    ),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     attention: bool = typer.Option(False, "--attention", help="Also write the text-cls attention of the encoder, FPN and decoder (Fig. 7)."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Also look in sub-folders (kept as sub-folders of --out)."),
@@ -31,8 +40,9 @@ def predict(
 ) -> None:
     """Segment what TEXT refers to in each image: NAME.mask.png, NAME.overlay.jpg and predictions.jsonl.
 
-    Files without an image suffix are ignored; an image that cannot be read is reported and
-    skipped, and the command then exits with status 1.
+    Files without an image suffix are ignored; an image that cannot be read, or is over
+    --max-pixels, is reported and skipped, and the command then exits with status 1. Nothing is
+    written outside --out.
     """
     with Progress(
         TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True
@@ -40,15 +50,16 @@ def predict(
         task = bar.add_task("predict", total=None)
         summary = predict_folder(
             path, text, checkpoint, out_dir=out, prompts=prompts, batch_size=batch_size, device=device,
-            attention=attention, recursive=recursive, tokenizer=tokenizer,
+            attention=attention, recursive=recursive, tokenizer=tokenizer, max_pixels=max_pixels, batch_pixels=batch_pixels,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
-            warn=lambda message: err_console.print(f"[yellow]warning:[/] {message}", highlight=False),
+            warn=lambda message: err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False),
         )  # fmt: skip
-    console.print(f"{summary.predictions} prediction(s) written to {summary.out_dir} (index: {summary.jsonl})")
+    # names and texts are data: escaped, so that "[/x]" in one is printed, not taken for console markup
+    console.print(f"{summary.predictions} prediction(s) written to {escape(str(summary.out_dir))} (index: {escape(str(summary.jsonl))})")
     if summary.ignored:
         console.print(f"ignored {len(summary.ignored)} file(s) without an image suffix", style="dim")
     if summary.skipped:
         for file, reason in summary.skipped:
-            err_console.print(f"[red]skipped[/] {file}: {reason}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]skipped[/] {escape(file)}: {escape(reason)}", highlight=False, soft_wrap=True)
         err_console.print(f"[bold red]{len(summary.skipped)} file(s) skipped[/]")
         raise typer.Exit(1)

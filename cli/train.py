@@ -8,11 +8,12 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from shared_ris.config import load_recipe
+from shared_ris.data.location import data_location
 from shared_ris.distributed import check_gpus, is_main_process, under_torchrun
 from shared_ris.train import preflight
 from shared_ris.train import train as run_training
 
-from .common import RecipeOption, SetOption, console, user_errors
+from .common import AllowPipeOption, DataOption, RecipeOption, SetOption, console, fail, user_errors
 from .launch import relaunch
 
 
@@ -56,10 +57,22 @@ class ProgressView:
             self.bar.console.print(event["text"], highlight=False, soft_wrap=True)
 
 
+def _check_launch_options(gpus, nproc, nnodes: int, node_rank: int, master_port) -> None:
+    if gpus is not None and nproc is not None:
+        fail("give --gpus or --nproc, not both")
+    if (gpus is not None and gpus < 0) or (nproc is not None and nproc < 1) or nnodes < 1:
+        fail("--gpus counts GPUs (0 = CPU), --nproc and --nnodes count processes and nodes (1 or more)")
+    if not 0 <= node_rank < nnodes:
+        fail(f"--node-rank must be in 0..{nnodes - 1} for --nnodes {nnodes}, got {node_rank}")
+    if master_port is not None and not 1 <= master_port <= 65535:
+        fail(f"--master-port must be a TCP port (1-65535), got {master_port}")
+
+
 @user_errors
 def train(
     ctx: typer.Context,
-    data: Path = typer.Option(..., "--data", "-d", help="Prepared data folder (sris prepare)."),
+    data: str = DataOption,
+    allow_pipe: bool = AllowPipeOption,
     recipe: str = RecipeOption,
     out: Path = typer.Option(None, "--out", "-o", help="Run folder [default: runs/RECIPE]."),
     gpus: int = typer.Option(None, "--gpus", help="GPUs on this node, one process each; more than 1 launches torchrun."),
@@ -77,19 +90,19 @@ def train(
     """Train Shared-RIS; SIGTERM / Ctrl-C save last.pt and exit 0 (continue with --resume auto)."""
     overrides = overrides or []
     resolved = load_recipe(recipe, overrides)
+    location = data_location(data, allow_pipe=allow_pipe)
     out = out or Path("runs") / resolved.name
-    if gpus is not None and nproc is not None:
-        raise typer.BadParameter("give --gpus or --nproc, not both")
+    _check_launch_options(gpus, nproc, nnodes, node_rank, master_port)
     device = device or ("cpu" if nproc is not None or gpus == 0 else None)
     if under_torchrun():  # a worker that torchrun started: train in place
-        return _run(resolved, data, out, pretrained, tokenizer, resume, device)
+        return _run(resolved, location, out, pretrained, tokenizer, resume, device)
 
     per_node = gpus or nproc or 1
     if gpus is not None:
         check_gpus(gpus)
-    preflight(resolved, data, pretrained=pretrained, tokenizer_path=tokenizer, resume=resume, world_size=per_node * nnodes, out_dir=out)
+    preflight(resolved, location, pretrained=pretrained, tokenizer_path=tokenizer, resume=resume, world_size=per_node * nnodes, out_dir=out)
     if per_node * nnodes == 1:
-        return _run(resolved, data, out, pretrained, tokenizer, resume, device)
+        return _run(resolved, location, out, pretrained, tokenizer, resume, device)
     relaunch(
         ctx, per_node, device=device, out=out, stop_file=out / "last.pt", nnodes=nnodes, node_rank=node_rank,
         master_addr=master_addr, master_port=master_port,

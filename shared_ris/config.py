@@ -7,6 +7,7 @@ A recipe names a file in the packaged ``recipes/`` folder (``base``) or a path (
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -123,17 +124,28 @@ def available_recipes() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def _parse_yaml(text_source, where: str) -> dict:
+    try:
+        tree = yaml.safe_load(text_source.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:  # safe_load builds plain data only, never objects
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RecipeError(f"{where}: not a readable YAML recipe ({first})") from None
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{where}: a recipe must be a mapping of sections (model, loss, data, train), got {type(tree).__name__}")
+    return tree
+
+
 def _read_recipe_file(name_or_path: str | Path) -> tuple[str, dict]:
     text_name = str(name_or_path)
     path = Path(text_name)
     if text_name.endswith((".yaml", ".yml")) or path.exists():
         if not path.is_file():
             raise RecipeError(f"recipe file {path} not found; give a YAML path or one of {available_recipes()}")
-        return path.stem, yaml.safe_load(path.read_text()) or {}
+        return path.stem, _parse_yaml(path, str(path))
     packaged = resources.files("shared_ris.recipes") / f"{text_name}.yaml"
     if not packaged.is_file():
         raise RecipeError(f"unknown recipe '{text_name}'; choose one of {available_recipes()} or give a YAML path")
-    return text_name, yaml.safe_load(packaged.read_text()) or {}
+    return text_name, _parse_yaml(packaged, text_name)
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -249,8 +261,42 @@ def recipe_from_dict(tree: dict) -> Recipe:
     return recipe
 
 
+# Ranges a type alone cannot express, as intervals; every number must also be finite.
+RANGES = {
+    "model.image_size": "[1, inf)", "model.max_text_len": "[3, inf)", "model.threshold": "(0, 1)",
+    "model.encoder.embed_dim": "[1, inf)", "model.encoder.depth": "[1, inf)", "model.encoder.num_heads": "[1, inf)",
+    "model.encoder.ffn_dim": "[1, inf)", "model.encoder.vocab_size": "[4, inf)", "model.encoder.patch_size": "[1, inf)",
+    "model.encoder.drop_path_rate": "[0, 1)", "model.fpn.dim": "[1, inf)", "model.fpn.num_heads": "[1, inf)",
+    "model.decoder.num_heads": "[1, inf)", "model.decoder.mlp_ratio": "(0, inf)", "model.decoder.upsample_blocks": "[0, inf)",
+    "loss.bce_weight": "[0, inf)", "loss.dice_weight": "[0, inf)", "data.shuffle_buffer": "[1, inf)", "data.num_workers": "[0, inf)",
+    "train.epochs": "[1, inf)", "train.max_steps": "[0, inf)", "train.batch_size": "[1, inf)", "train.lr": "(0, inf)",
+    "train.min_lr": "[0, inf)", "train.weight_decay": "[0, inf)", "train.warmup_steps": "[0, inf)", "train.layer_decay": "(0, 1]",
+    "train.grad_clip": "[0, inf)", "train.eval_every": "[1, inf)", "train.log_every": "[1, inf)",
+}  # fmt: skip
+
+
+def _in_interval(value: float, interval: str) -> bool:
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    above = value >= low if interval[0] == "[" else value > low
+    below = value <= high if interval[-1] == "]" else value < high
+    return math.isfinite(value) and above and below
+
+
+def _check_ranges(recipe: Recipe) -> None:
+    for key, interval in RANGES.items():
+        value = recipe
+        for part in key.split("."):
+            value = getattr(value, part)
+        if not _in_interval(value, interval):
+            raise RecipeError(f"{key} must be in {interval}, got {value}")
+    betas = recipe.train.betas
+    if len(betas) != 2 or not all(_in_interval(b, "[0, 1)") for b in betas):
+        raise RecipeError(f"train.betas must be two numbers in [0, 1), got {betas}")
+
+
 def validate_recipe(recipe: Recipe) -> None:
     """Cross-field checks that a type alone cannot express."""
+    _check_ranges(recipe)
     m = recipe.model
     enc = m.encoder
     if m.image_size % enc.patch_size:
