@@ -8,9 +8,11 @@ bilinearly back to the image's own size and thresholded at the recipe's τ.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +26,11 @@ from .model import SharedRIS, upsample_probabilities
 from .tokenizer import Tokenizer
 
 
+# Decoded pixels allowed per image, read from the header before decoding: 8192 × 8192, which
+# admits 64 MP phone photos (9248 × 6936) but not a small file that decodes to gigabytes.
+DEFAULT_MAX_PIXELS = 8192 * 8192
+
+
 class ImageReadError(SharedRISError):
     """An image file that cannot be decoded; ``reason`` says why, without the path."""
 
@@ -32,22 +39,53 @@ class ImageReadError(SharedRISError):
         self.path, self.reason = path, reason
 
 
-def open_image(path: str | Path) -> Image.Image:
+class ImageTooLargeError(ImageReadError):
+    """An image whose header declares more pixels than the limit; it is never decoded."""
+
+
+def open_image(
+    path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS, before_decode: Callable[[int, int], None] | None = None
+) -> Image.Image:
     """Read an image file as 8-bit RGB, rotated as its EXIF orientation says.
 
     Grayscale, RGBA / LA / transparent palette (composited on white), palette, 16-bit (scaled to
-    8 bits, not clipped) and CMYK inputs all come out as RGB. An unreadable file raises
-    :class:`ImageReadError`, whose message is one line naming the file.
+    8 bits, not clipped) and CMYK inputs all come out as RGB. An unreadable file, or one whose
+    header declares more than ``max_pixels`` pixels (``None``: no limit but Pillow's own, about
+    179 MP), raises :class:`ImageReadError`, whose message is one line naming the file.
+    ``before_decode(width, height)`` is called between reading the header and decoding (a caller
+    can free memory for the pixels to come).
     """
     path = Path(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit that counts is ours
+        with _read_errors(path):
+            raw = Image.open(path)
+        with raw:
+            check_pixels(path, raw.size, max_pixels)  # from the header: nothing is decoded yet
+            if before_decode is not None:
+                before_decode(*raw.size)  # outside _read_errors: its failures are not this file's
+            with _read_errors(path):
+                return load_image(raw)
+
+
+@contextlib.contextmanager
+def _read_errors(path: Path) -> Iterator[None]:
+    """Turn whatever decoding a bad file raises into one :class:`ImageReadError` line."""
     try:
-        with Image.open(path) as raw:
-            return load_image(raw)
+        yield
     except FileNotFoundError:
         raise ImageReadError(path, "file not found") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ImageReadError(path, f"cannot read image ({detail})") from None
+
+
+def check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None) -> None:
+    """Refuse (``ImageTooLargeError``) a header ``size`` = (W, H) over ``max_pixels``."""
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        reason = f"{width}×{height} = {width * height:,} pixels, over the limit of {max_pixels:,} (--max-pixels)"
+        raise ImageTooLargeError(path, reason)
 
 
 @dataclass
