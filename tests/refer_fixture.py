@@ -229,3 +229,25 @@ def build_refer_fixture(root: str | Path) -> ReferFixture:
         (folder / "instances.json").write_text(instances)
         (folder / f"refs({split_by}).p").write_bytes(py2_dumps([_py2_ref(dataset, *ref) for ref in refs]))
     return ReferFixture(refer_root, images_dir)
+
+
+# -- altered copies, for tests of malformed and hostile files ----------------------------------------
+
+
+def py2_refs(dataset: str = "refcoco", split_by: str = "unc") -> list[dict]:
+    """The fixture's refs as Python 2 holds them (byte-string keys and values), to alter before :func:`py2_dumps`."""
+    return [_py2_ref(dataset, *ref) for ref in REFS[(dataset, split_by)]]
+
+
+def instances_document() -> dict:
+    """The fixture's ``instances.json`` content, to alter before :func:`write_refer_root` writes it."""
+    return _instances()
+
+
+def write_refer_root(root: str | Path, dataset: str = "refcoco", split_by: str = "unc", refs_bytes: bytes | None = None, instances: dict | None = None) -> Path:
+    """A refer root holding only ``dataset``: ``refs_bytes`` and ``instances`` where given, else the fixture's files."""
+    folder = Path(root) / dataset
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"refs({split_by}).p").write_bytes(py2_dumps(py2_refs(dataset, split_by)) if refs_bytes is None else refs_bytes)
+    (folder / "instances.json").write_text(json.dumps(_instances() if instances is None else instances))
+    return Path(root)

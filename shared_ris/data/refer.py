@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import reprlib
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -25,12 +27,13 @@ from pycocotools import mask as mask_utils
 
 from .errors import DataError
 from .safe_pickle import load_pickle
+from .sample import MAX_SAMPLE_PIXELS
 from .transforms import encode_mask_png
 
 DATASETS = ("refcoco", "refcoco+", "refcocog")
 DEFAULT_SPLIT_BY = {"refcoco": "unc", "refcoco+": "unc", "refcocog": "umd"}
 REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
-IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
+IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}  # PIL format → shard member
 
 
 def refs_file(refer_root: str | Path, dataset: str, split_by: str | None = None) -> Path:
@@ -63,26 +66,138 @@ def check_images_dir(images_dir: str | Path) -> Path:
     return path
 
 
+REFS_HINT = "is this a refer API refs file? re-download it"
+INSTANCES_HINT = "is this the COCO-format instances.json from the refer API downloads? re-download it"
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")  # it becomes part of shard file names: no '/', '.' or '..'
+
+
+ID_LIMIT = 2**63  # ids are COCO's int64; a pickle can hold an integer too long even to print
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < ID_LIMIT
+
+
+_MISSING = object()
+
+
+def _shown(value: Any) -> str:
+    """A short one-line repr whatever the value is (huge, nested, multi-line, self-referencing)."""
+    try:
+        return reprlib.repr(value)
+    except ValueError:  # an integer past Python's 4300-digit printing limit
+        return "an integer too long to print" if isinstance(value, int) else f"a {type(value).__name__} holding an integer too long to print"
+
+
+def _wrong(path: str | Path, where: str, field: str, expected: str, value: Any, hint: str) -> DataError:
+    got = "nothing" if value is _MISSING else _shown(value)
+    return DataError(f"{path}: {where}: '{field}' must be {expected}, got {got}; {hint}")
+
+
+def _check_sentence(path: str | Path, where: str, sentence: Any) -> None:
+    if not isinstance(sentence, dict):
+        raise DataError(f"{path}: {where} is {_shown(sentence)}, not a sentence dict {{sent_id, sent, raw, tokens}}; {REFS_HINT}")
+    if "sent_id" in sentence and not _is_id(sentence["sent_id"]):
+        raise _wrong(path, where, "sent_id", "a non-negative integer", sentence["sent_id"], REFS_HINT)
+    for field in ("sent", "raw"):  # absent means empty: counted as an empty sentence later
+        if field in sentence and not isinstance(sentence[field], str):
+            raise _wrong(path, where, field, "a string", sentence[field], REFS_HINT)
+
+
+def _check_ref(path: str | Path, index: int, ref: Any) -> None:
+    """Types of every field :func:`ref_item` reads; a one-line DataError naming the ref otherwise."""
+    if not isinstance(ref, dict):
+        raise DataError(f"{path}: refs[{index}] is a {type(ref).__name__}, not a ref dict; {REFS_HINT}")
+    where = f"ref {ref['ref_id']}" if _is_id(ref.get("ref_id")) else f"refs[{index}]"
+    missing = [k for k in REF_KEYS if k not in ref]
+    if missing:
+        raise DataError(f"{path}: {where} lacks {', '.join(missing)}; {REFS_HINT}")
+    for field in ("ref_id", "ann_id", "image_id") + (("category_id",) if "category_id" in ref else ()):
+        if not _is_id(ref[field]):
+            raise _wrong(path, where, field, "a non-negative integer", ref[field], REFS_HINT)
+    if not isinstance(ref["split"], str) or not SPLIT_NAME.fullmatch(ref["split"]):
+        raise _wrong(path, where, "split", "a split name such as 'train' or 'testA' (letters, digits, '_', '-')", ref["split"], REFS_HINT)
+    if not isinstance(ref["sentences"], list):
+        raise _wrong(path, where, "sentences", "a list of sentence dicts", ref["sentences"], REFS_HINT)
+    for k, sentence in enumerate(ref["sentences"]):
+        _check_sentence(path, f"{where} sentence {k}", sentence)
+
+
 def load_refs(path: str | Path) -> list[dict]:
-    """The refs list with byte strings decoded; a DataError if it does not look like a refs file."""
+    """The refs list with byte strings decoded, every field the preparation reads type-checked and
+    ref_ids unique (they become sample keys); a one-line DataError naming the ref otherwise."""
     refs = load_pickle(path)
-    if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
-        raise DataError(f"{path}: expected a pickled list of ref dicts (refer API refs file), got {type(refs).__name__}")
-    for ref in refs:
-        missing = [k for k in REF_KEYS if k not in ref]
-        if missing:
-            raise DataError(f"{path}: ref {ref.get('ref_id', '?')} lacks {', '.join(missing)}; is this a refer API refs file?")
+    if not isinstance(refs, list) or not refs:
+        got = "an empty list" if isinstance(refs, list) else f"a {type(refs).__name__}"
+        raise DataError(f"{path}: expected a pickled list of ref dicts (refer API refs file), got {got}")
+    first_index: dict[int, int] = {}
+    for index, ref in enumerate(refs):
+        _check_ref(path, index, ref)
+        if ref["ref_id"] in first_index:
+            raise DataError(
+                f"{path}: ref {ref['ref_id']}: ref_id appears twice (refs[{first_index[ref['ref_id']]}] and refs[{index}]) "
+                "but it is the sample key; re-download the refs file"
+            )
+        first_index[ref["ref_id"]] = index
     return refs
 
 
+def _check_image_entry(path: str | Path, where: str, image: dict) -> None:
+    for field in ("width", "height"):
+        if not _is_id(image.get(field)) or image[field] == 0:
+            raise _wrong(path, where, field, "a positive integer", image.get(field, _MISSING), INSTANCES_HINT)
+    name = image.get("file_name")
+    if name is None:
+        return  # the COCO_train2014_%012d.jpg pattern is used instead
+    if not isinstance(name, str):
+        raise _wrong(path, where, "file_name", "a string", name, INSTANCES_HINT)
+    # lexical only (unlike fileio.confined): train2014/ may legitimately be a folder of symbolic links
+    candidate = PurePath(name)
+    if candidate.is_absolute() or candidate.drive or ".." in candidate.parts or "\x00" in name:
+        raise _wrong(path, where, "file_name", "a name inside the --images folder", name, INSTANCES_HINT)
+
+
+def _check_annotation(path: str | Path, where: str, ann: dict) -> None:
+    for field in ("image_id",) + (("category_id",) if "category_id" in ann else ()):
+        if not _is_id(ann.get(field)):
+            raise _wrong(path, where, field, "a non-negative integer", ann.get(field, _MISSING), INSTANCES_HINT)
+    bbox = ann.get("bbox")
+    if bbox is not None and not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+        raise _wrong(path, where, "bbox", "4 numbers (x, y, width, height)", bbox, INSTANCES_HINT)
+
+
+def _index_by_id(path: str | Path, coco: dict, section: str, check) -> dict[int, dict]:
+    """``coco[section]`` (a list of dicts with unique integer ids) by id, each entry checked."""
+    entries = coco.get(section)
+    if not isinstance(entries, list):
+        raise _wrong(path, "top level", section, "a list of dicts", entries if section in coco else _MISSING, INSTANCES_HINT)
+    by_id: dict[int, dict] = {}
+    for index, entry in enumerate(entries):
+        where = f"{section}[{index}]"
+        if not isinstance(entry, dict):
+            raise DataError(f"{path}: {where} is {_shown(entry)}, not a dict; {INSTANCES_HINT}")
+        if not _is_id(entry.get("id")):
+            raise _wrong(path, where, "id", "a non-negative integer", entry.get("id", _MISSING), INSTANCES_HINT)
+        where = f"{section}[{index}] (id {entry['id']})"
+        check(path, where, entry)
+        if entry["id"] in by_id:
+            raise DataError(f"{path}: {where}: id {entry['id']} appears twice in '{section}'; {INSTANCES_HINT}")
+        by_id[entry["id"]] = entry
+    return by_id
+
+
 def load_instances(path: str | Path) -> tuple[dict[int, dict], dict[int, dict]]:
-    """``instances.json`` → (images by id, annotations by id)."""
+    """``instances.json`` → (images by id, annotations by id), every field the preparation reads
+    type-checked; a one-line DataError naming the entry otherwise."""
     try:
         with open(path, "rb") as f:
             coco = json.load(f)
-        return {im["id"]: im for im in coco["images"]}, {ann["id"]: ann for ann in coco["annotations"]}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"{path}: not a COCO instances file ({type(exc).__name__}: {exc}); re-download it") from None
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nesting too deep for the parser
+        detail = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise DataError(f"{path}: not a COCO instances file ({type(exc).__name__}: {detail}); re-download it") from None
+    if not isinstance(coco, dict):
+        raise DataError(f"{path}: expected a JSON object with 'images' and 'annotations', got {type(coco).__name__}; {INSTANCES_HINT}")
+    return _index_by_id(path, coco, "images", _check_image_entry), _index_by_id(path, coco, "annotations", _check_annotation)
 
 
 def annotation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
@@ -91,6 +206,11 @@ def annotation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
     Polygons are merged as a UNION (overlapping parts stay foreground); uncompressed RLE (counts
     list) and compressed RLE (counts string) are decoded as they are.
     """
+    if isinstance(segmentation, dict) and segmentation.get("size") != [height, width]:
+        # an RLE decodes at its own size: a tiny entry saying [50000, 50000] would be a 2.5 GB mask
+        size = segmentation.get("size")
+        shown = size if isinstance(size, list) and all(isinstance(v, int) for v in size) else "not a pair of integers"
+        raise ValueError(f"RLE size {shown} is not the image's [{height}, {width}]")
     if isinstance(segmentation, list):
         rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
     elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
@@ -122,6 +242,8 @@ def ref_item(ref: dict, dataset: str, images: dict, anns: dict, images_dir: Path
         skip = f"annotation {ref['ann_id']} not in instances.json"
     elif image is None:
         skip = f"image {ref['image_id']} not in instances.json"
+    elif ann["image_id"] != ref["image_id"]:  # refs and instances.json of different datasets
+        skip = f"annotation on another image (annotation {ref['ann_id']} is on image {ann['image_id']}, the ref says {ref['image_id']})"
     elif not ann.get("segmentation"):
         skip = "annotation without segmentation"
     return {
@@ -145,19 +267,28 @@ def ref_item(ref: dict, dataset: str, images: dict, anns: dict, images_dir: Path
 _last_image: dict[str, Any] = {}  # per process: refs of one image are neighbours, check it once
 
 
-def _check_image(path: str, data: bytes, width: int, height: int) -> str | None:
-    """Decode fully once per image; None when usable, else the reason to skip."""
+def _check_image(path: str, data: bytes, width: int, height: int) -> tuple[str | None, str | None]:
+    """(the shard member name for the image, None) when usable, else (None, the reason to skip).
+    Checked from the header first (size, pixel bound), then decoded fully, once per image."""
     if _last_image.get("path") != path:
+        extension, problem = None, None
         try:
             with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                size = im.size
-            problem = None if size == (width, height) else f"image is {size[0]}x{size[1]} but instances.json says {width}x{height}"
+                # the member name follows the format, not the file name: "x.json" must not become the json member
+                extension = IMAGE_FORMATS.get(im.format or "")
+                if extension is None:
+                    problem = f"unsupported image format {im.format}"
+                elif im.size != (width, height):  # a mismatched image (a decompression bomb, say) is never decoded
+                    problem = f"image is {im.size[0]}x{im.size[1]} but instances.json says {width}x{height}"
+                elif width * height > MAX_SAMPLE_PIXELS:
+                    problem = f"image of {width}x{height} pixels, over the {MAX_SAMPLE_PIXELS} that readers accept"
+                else:
+                    im.load()
         except Exception as exc:  # PIL raises many types for corrupt files
             problem = f"image unreadable ({type(exc).__name__})"
         _last_image.clear()
-        _last_image.update(path=path, problem=problem)
-    return _last_image["problem"]
+        _last_image.update(path=path, extension=extension, problem=problem)
+    return (None, _last_image["problem"]) if _last_image["problem"] else (_last_image["extension"], None)
 
 
 def make_refer_sample(item: dict) -> tuple[dict | None, list[dict]]:
@@ -177,7 +308,7 @@ def make_refer_sample(item: dict) -> tuple[dict | None, list[dict]]:
         image_bytes = Path(path).read_bytes()
     except OSError:
         return None, skips + [skipped("image missing", path=path)]
-    problem = _check_image(path, image_bytes, item["width"], item["height"])
+    extension, problem = _check_image(path, image_bytes, item["width"], item["height"])
     if problem:
         return None, skips + [skipped(problem, path=path)]
     try:
@@ -188,7 +319,6 @@ def make_refer_sample(item: dict) -> tuple[dict | None, list[dict]]:
         return None, skips + [skipped("empty mask")]
     meta = {k: item[k] for k in ("ref_id", "ann_id", "image_id", "category_id", "bbox", "split", "dataset", "width", "height")}
     meta["sentences"] = sentences
-    extension = IMAGE_EXTENSIONS.get(Path(path).suffix.lower(), Path(path).suffix.lower().lstrip("."))
     sample = {
         "__key__": item["key"],
         extension: image_bytes,
