@@ -26,6 +26,7 @@ from hostile_fixtures import (
     bomb_png, json_member, make_data, manifest, png, read_members, record_shard, replace_member,
     rewrite_samples, shard_path, snapshot, write_manifest, write_tar,
 )  # fmt: skip
+from refer_fixture import build_refer_fixture, instances_document, py2_dumps, py2_refs, write_refer_root
 from shared_ris.run_folder import lock_folder
 
 SENTINEL = "PWNED"
@@ -147,6 +148,35 @@ def predict_inputs(prompts: bytes | str, name: str = "prompts.jsonl") -> Callabl
     return setup
 
 
+def refer(root: Path, *extra: str) -> list[str]:
+    return ["prepare", "refcoco", "--refer-root", str(root / "refer"), "--images", str(root / "train2014"), "--out", str(root / "out"),
+            "--workers", "1", *extra]  # fmt: skip
+
+
+def refer_files(alter_refs=None, alter_instances=None, refs_bytes: Callable[[Path], bytes] | None = None) -> Callable[[Path], None]:
+    """A refer root beside the fixture's images with one file altered (or replaced by raw bytes)."""
+
+    def setup(root: Path) -> None:
+        refs = py2_refs()
+        document = instances_document()
+        if alter_refs is not None:
+            alter_refs(refs)
+        if alter_instances is not None:
+            alter_instances(document)
+        raw = refs_bytes(root) if refs_bytes is not None else py2_dumps(refs)
+        write_refer_root(root / "refer", refs_bytes=raw, instances=document)
+
+    return setup
+
+
+def call_pickle(fn, *args) -> bytes:
+    class Call:
+        def __reduce__(self):
+            return fn, args
+
+    return pickle.dumps(Call(), protocol=2)
+
+
 def evil_pickle_checkpoint(root: Path) -> None:
     class Evil:
         def __reduce__(self):
@@ -207,6 +237,18 @@ CASES = [
     Case("train: mask size differs from the image", lambda r: train(r), TRAIN_SHARD, sample_change("train", replace_member("mask.png", png(10, 10)))),
     Case("eval: image is a decompression bomb", lambda r: evaluate(r), VAL_SHARD, sample_change("val", replace_member("jpg", bomb_png()))),
     Case("train: image is not an image", lambda r: train(r), TRAIN_SHARD, sample_change("train", replace_member("jpg", b"not a jpeg"))),
+    # -- refer files -------------------------------------------------------------------------------
+    Case("prepare: refs pickle calls os.system", lambda r: refer(r), lambda r: "refs(unc).p",
+         refer_files(refs_bytes=lambda r: call_pickle(__import__("os").system, f"touch {r / SENTINEL}"))),
+    Case("prepare: refs pickle asks for bytes(10**9)", lambda r: refer(r), lambda r: "refs(unc).p", refer_files(refs_bytes=lambda r: call_pickle(bytes, 10**9))),
+    Case("prepare: a ref_id twice", lambda r: refer(r), lambda r: "refs(unc).p", refer_files(alter_refs=lambda refs: refs.append(dict(refs[0])))),
+    Case("prepare: a string ref_id", lambda r: refer(r), lambda r: "refs(unc).p", refer_files(alter_refs=lambda refs: refs[0].update({b"ref_id": b"12"}))),
+    Case("prepare: a sentence given as a string", lambda r: refer(r), lambda r: "refs(unc).p",
+         refer_files(alter_refs=lambda refs: refs[0].update({b"sentences": [b"the cup"]}))),
+    Case("prepare: an image without width", lambda r: refer(r), lambda r: "instances.json",
+         refer_files(alter_instances=lambda d: d["images"][0].pop("width"))),
+    Case("prepare: file_name climbs out of --images", lambda r: refer(r), lambda r: "instances.json",
+         refer_files(alter_instances=lambda d: d["images"][0].update(file_name="../victim.jpg"))),
     # -- checkpoints, tokenizers, recipes ------------------------------------------------------------
     Case("eval: checkpoint pickles os.system", lambda r: evaluate(r)[:2] + [str(r / "evil.pt")] + evaluate(r)[3:], lambda r: "evil.pt",
          evil_pickle_checkpoint),
@@ -257,6 +299,7 @@ def originals(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("originals")
     make_data(root / "data")
     make_trained_run(root / "run")
+    build_refer_fixture(root / "refer_fixture")
     return root
 
 
@@ -271,6 +314,7 @@ def run_sris(argv: list[str], capsys) -> tuple[int, str, str]:
 def test_hostile_input_is_one_line_and_touches_nothing_outside(case: Case, originals: Path, tmp_path: Path, capsys):
     shutil.copytree(originals / "data", tmp_path / "data")
     shutil.copytree(originals / "run", tmp_path / "run")
+    shutil.copytree(originals / "refer_fixture" / "train2014", tmp_path / "train2014")
     case.setup(tmp_path)
     argv = case.argv(tmp_path)
     before = snapshot(tmp_path, exclude=tmp_path / "out")
