@@ -52,14 +52,14 @@ def test_a_rerun_of_prepare_rebuilds_a_truncated_shard(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["syn{}x", "syn:x", "http:x"])
-def test_a_local_folder_named_like_a_url_is_a_folder(tmp_path, name):
+def test_a_local_folder_named_like_a_url_is_a_folder(tmp_path, monkeypatch, name):
     data = make_data(tmp_path / "data")
-    folder = tmp_path / name
-    shutil.copytree(data, folder)
+    shutil.copytree(data, tmp_path / name)
+    monkeypatch.chdir(tmp_path)  # as typed: --data syn:x
     recipe = load_recipe("tiny")
-    tokenizer = Tokenizer(folder / "spm.model", max_len=recipe.model.max_text_len)
-    batches = list(build_eval_loader(folder, "val", recipe, tokenizer, num_workers=0))
-    assert sum(len(b["keys"]) for b in batches) == read_manifest(folder)["splits"]["val"]["sentences"]
+    tokenizer = Tokenizer(Path(name) / "spm.model", max_len=recipe.model.max_text_len)
+    batches = list(build_eval_loader(name, "val", recipe, tokenizer, num_workers=0))
+    assert sum(len(b["keys"]) for b in batches) == read_manifest(name)["splits"]["val"]["sentences"]
 
 
 def _wait_for(condition, timeout: float, what: str) -> None:
