@@ -45,6 +45,14 @@ def gradient(width: int, height: int) -> Image.Image:
     return Image.fromarray(pixels.astype(np.uint8))
 
 
+def image_folder(folder: Path, sizes: dict[str, tuple[int, int]]) -> Path:
+    """``folder`` (created) holding a :func:`gradient` image of (width, height) per relative name."""
+    for name, (width, height) in sizes.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        gradient(width, height).save(folder / name)
+    return folder
+
+
 def write_image_zoo(folder: Path) -> dict[str, Path]:
     """Every input kind ``sris predict`` must accept or reject, by name.
 

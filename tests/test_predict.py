@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fixtures_predict import READABLE, UNREADABLE, gradient, make_trained_run, trained_run, write_image_zoo  # noqa: F401
+from fixtures_predict import READABLE, UNREADABLE, gradient, image_folder, make_trained_run, trained_run, write_image_zoo  # noqa: F401
 from shared_ris.checkpoint import load_run
 from shared_ris.errors import SharedRISError
 from shared_ris.model import logits_to_mask
@@ -151,9 +151,7 @@ def test_predict_folder_every_input_kind(tmp_path, zoo, trained_run):
 
 
 def test_rerun_overwrites_and_never_reads_its_outputs(tmp_path, trained_run):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    gradient(20, 20).save(folder / "a.png")
+    folder = image_folder(tmp_path / "in", {"a.png": (20, 20)})
     for _ in range(2):  # outputs written into the input folder itself
         summary = predict_folder(folder, "the circle", trained_run, out_dir=folder)
         assert summary.predictions == 1 and not summary.skipped and not summary.ignored
@@ -162,9 +160,7 @@ def test_rerun_overwrites_and_never_reads_its_outputs(tmp_path, trained_run):
 
 
 def test_a_prompts_file_beside_its_images_is_not_reported_as_ignored(tmp_path, trained_run):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    gradient(20, 16).save(folder / "a.png")
+    folder = image_folder(tmp_path / "in", {"a.png": (20, 16)})
     (folder / "notes.txt").write_text("not an image")
     (folder / "prompts.jsonl").write_text(json.dumps({"file": "a.png", "text": "the red circle"}) + "\n")
     summary = predict_folder(folder, None, trained_run, out_dir=tmp_path / "out", prompts=folder / "prompts.jsonl")
@@ -172,10 +168,7 @@ def test_a_prompts_file_beside_its_images_is_not_reported_as_ignored(tmp_path, t
 
 
 def test_prompts_jsonl_several_texts_per_image(tmp_path, trained_run):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    for name in ("a.png", "b.png", "c.png"):
-        gradient(20, 16).save(folder / name)
+    folder = image_folder(tmp_path / "in", {name: (20, 16) for name in ("a.png", "b.png", "c.png")})
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps(p) for p in [
         {"file": "a.png", "text": "the red circle"}, {"file": "a.png", "text": "the blue square"},
@@ -212,11 +205,7 @@ def test_prompts_csv_and_bad_prompt_files(tmp_path):
 
 
 def test_name_collisions_and_recursion(tmp_path, trained_run):
-    folder = tmp_path / "in"
-    (folder / "sub").mkdir(parents=True)
-    gradient(20, 20).save(folder / "cup.jpg")
-    gradient(20, 20).save(folder / "cup.png")
-    gradient(20, 20).save(folder / "sub" / "cup.jpg")
+    folder = image_folder(tmp_path / "in", {"cup.jpg": (20, 20), "cup.png": (20, 20), "sub/cup.jpg": (20, 20)})
     flat = predict_folder(folder, "the cup", trained_run, out_dir=tmp_path / "flat")
     assert sorted(r["mask"] for r in read_jsonl(tmp_path / "flat" / "predictions.jsonl")) == ["cup_jpg.mask.png", "cup_png.mask.png"]
     assert flat.predictions == 2

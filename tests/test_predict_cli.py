@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
-from fixtures_predict import gradient, trained_run, write_image_zoo  # noqa: F401
+from fixtures_predict import gradient, image_folder, trained_run, write_image_zoo  # noqa: F401
 
 runner = CliRunner()
 
@@ -37,10 +37,7 @@ def test_cli_one_image_with_attention_and_explicit_tokenizer(tmp_path, trained_r
 
 
 def test_cli_prompts_without_text(tmp_path, trained_run):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    gradient(20, 20).save(folder / "a.png")
-    gradient(20, 20).save(folder / "b.png")
+    folder = image_folder(tmp_path / "in", {"a.png": (20, 20), "b.png": (20, 20)})
     prompts = tmp_path / "prompts.csv"
     prompts.write_text("file,text\na.png,the circle\n")
     result = runner.invoke(app, ["predict", str(folder), "--prompts", str(prompts), "-c", str(trained_run), "-o", str(tmp_path / "out")])

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from shared_ris import predict as predict_module
-from fixtures_predict import gradient, trained_run  # noqa: F401
+from fixtures_predict import gradient, image_folder, trained_run  # noqa: F401
 from shared_ris.errors import SharedRISError
 from shared_ris.predict import predict_folder
 from shared_ris.predictor import Predictor, open_image
@@ -136,11 +136,8 @@ def test_outputs_are_not_written_through_a_link_out_of_the_output_folder(tmp_pat
 
 
 def test_case_variants_and_lookalike_names_all_keep_their_results(tmp_path, trained_run):
-    folder = tmp_path / "in"
-    folder.mkdir()
     sizes = {"cup.jpg": (20, 16), "cup.JPG": (24, 18), "CUP.png": (22, 14), "cup_jpg.png": (18, 20), "cup_JPG.gif": (16, 12)}
-    for name, (width, height) in sizes.items():
-        gradient(width, height).save(folder / name)
+    folder = image_folder(tmp_path / "in", sizes)
     runs = []
     for run in ("first", "second"):
         predict_folder(folder, "the cup", trained_run, out_dir=tmp_path / run)
@@ -152,10 +149,7 @@ def test_case_variants_and_lookalike_names_all_keep_their_results(tmp_path, trai
 
 
 def test_a_dotted_name_does_not_collide_with_several_texts(tmp_path, trained_run):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    gradient(20, 16).save(folder / "a.png")
-    gradient(26, 14).save(folder / "a.0.png")  # NAME.0 of a.png's first text, if nothing else is done
+    folder = image_folder(tmp_path / "in", {"a.png": (20, 16), "a.0.png": (26, 14)})  # a.0: NAME.0 of a.png's first text
     prompts = write_prompts(tmp_path / "p.jsonl", [{"file": "a.png", "text": "the cup"}, {"file": "a.png", "text": "the plate"}])
     summary = predict_folder(folder, "the bowl", trained_run, out_dir=tmp_path / "out", prompts=prompts)
     assert summary.predictions == 3
@@ -163,9 +157,8 @@ def test_a_dotted_name_does_not_collide_with_several_texts(tmp_path, trained_run
 
 
 def test_two_spellings_of_one_image_are_one_image(tmp_path, trained_run):
-    folder = tmp_path / "in"
-    (folder / "sub").mkdir(parents=True)
-    gradient(20, 16).save(folder / "a.png")
+    folder = image_folder(tmp_path / "in", {"a.png": (20, 16)})
+    (folder / "sub").mkdir()
     os.link(folder / "a.png", folder / "sub" / "same.png")  # one file, as cup.JPG is cup.jpg on a case-insensitive disk
     texts = ["the cup", "the plate", "the bowl", "the fork", "the knife"]
     spellings = ["a.png", "sub/../a.png", str(folder / "a.png"), "./a.png", "sub/same.png"]
@@ -181,9 +174,7 @@ def test_two_spellings_of_one_image_are_one_image(tmp_path, trained_run):
 
 
 def test_an_image_over_the_pixel_limit_is_skipped_from_its_header(tmp_path, trained_run):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    gradient(20, 16).save(folder / "small.png")
+    folder = image_folder(tmp_path / "in", {"small.png": (20, 16)})
     Image.new("1", (400, 300), 1).save(folder / "big_full.png")
     whole = (folder / "big_full.png").read_bytes()
     (folder / "big_full.png").unlink()
@@ -199,9 +190,7 @@ def test_an_image_over_the_pixel_limit_is_skipped_from_its_header(tmp_path, trai
 
 
 def test_the_default_limit_skips_a_tiny_file_that_decodes_to_72_megapixels(tmp_path, trained_run):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    gradient(20, 16).save(folder / "photo.png")
+    folder = image_folder(tmp_path / "in", {"photo.png": (20, 16)})
     Image.new("1", (9000, 8000), 0).save(folder / "bomb.png")  # ~9 KB, under Pillow's own limit
     assert (folder / "bomb.png").stat().st_size < 20_000
     result = sris_predict(folder, "the cup", "-c", trained_run, "-o", tmp_path / "out")
@@ -220,11 +209,8 @@ def test_max_pixels_option_and_its_check(tmp_path, trained_run):
 
 
 def test_a_batch_is_flushed_early_when_its_pixels_exceed_the_budget(tmp_path, trained_run, monkeypatch):
-    folder = tmp_path / "in"
-    folder.mkdir()
     sides = {"a.png": 100, "b.png": 100, "c.png": 100, "d.png": 160, "e.png": 100}  # 10 000 or 25 600 pixels
-    for name, side in sides.items():
-        gradient(side, side).save(folder / name)
+    folder = image_folder(tmp_path / "in", {name: (side, side) for name, side in sides.items()})
     batches = []
     original = Predictor.predict_tensors
 
@@ -240,10 +226,7 @@ def test_a_batch_is_flushed_early_when_its_pixels_exceed_the_budget(tmp_path, tr
 
 
 def test_a_failure_writing_an_earlier_batch_is_not_blamed_on_the_next_image(tmp_path, trained_run, monkeypatch):
-    folder = tmp_path / "in"
-    folder.mkdir()
-    gradient(20, 16).save(folder / "a.png")
-    gradient(20, 16).save(folder / "b.png")
+    folder = image_folder(tmp_path / "in", {"a.png": (20, 16), "b.png": (20, 16)})
     original, calls = predict_module.save_mask, []
 
     def fails_once(mask, path):

@@ -174,7 +174,7 @@ def _replace_first_sentence(value):
 
 BAD_REFS = {
     "ref_id-a-string": (_set_ref(b"ref_id", b"12"), ["refs[0]", "'ref_id' must be a non-negative integer, got '12'"]),
-    "ref_id-too-long-to-print": (_set_ref(b"ref_id", 10**5000), ["refs[0]", "'ref_id' must be a non-negative integer, got an integer too long to print"]),
+    "ref_id-too-long-to-print": (_set_ref(b"ref_id", 10**5000), ["refs[0]", "'ref_id' must be a non-negative integer, got <int too long to print>"]),
     "ref_id-negative": (_set_ref(b"ref_id", -1), ["refs[0]", "'ref_id' must be a non-negative integer, got -1"]),
     "ann_id-a-bool": (_set_ref(b"ann_id", True), ["ref 1", "'ann_id' must be a non-negative integer, got True"]),
     "image_id-a-float": (_set_ref(b"image_id", 1.5), ["ref 1", "'image_id' must be a non-negative integer, got 1.5"]),

@@ -25,14 +25,22 @@ PER_SHARD = {"shard_samples": int, "shard_sentences": int, "shard_bytes": int, "
 RERUN = "re-run the same sris prepare command (it keeps the shards that match)"
 
 
+def _parse(data: bytes, where: str | Path) -> dict:
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise DataError(f"{where}: unreadable manifest ({type(exc).__name__}); re-run sris prepare with --overwrite") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{where}: not a manifest (expected a JSON object written by sris prepare); re-run sris prepare with --overwrite")
+    return manifest
+
+
 def load_manifest_file(path: str | Path) -> dict:
     try:
-        manifest = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable manifest ({type(exc).__name__}); re-run sris prepare with --overwrite") from None
-    if not isinstance(manifest, dict):
-        raise DataError(f"{path}: not a manifest (expected a JSON object written by sris prepare); re-run sris prepare with --overwrite")
-    return manifest
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: unreadable manifest ({exc.strerror or exc}); re-run sris prepare with --overwrite") from None
+    return _parse(data, path)
 
 
 def write_manifest(out_dir: str | Path, manifest: dict) -> Path:
@@ -44,17 +52,12 @@ def _read_remote(location: DataLocation) -> dict:
     where = location.where(MANIFEST)
     try:
         with location.open(MANIFEST) as stream:
-            text = stream.read(MAX_MANIFEST_BYTES + 1)
-        if len(text) > MAX_MANIFEST_BYTES:
-            raise DataError(f"{where}: more than {MAX_MANIFEST_BYTES >> 20} MB, not a manifest")
-        manifest = json.loads(text.decode("utf-8"))
-    except DataError:
-        raise
+            data = stream.read(MAX_MANIFEST_BYTES + 1)
     except Exception as exc:  # gopen reports failures of the pipe or server in several ways
         raise DataError(f"{where}: cannot read the manifest ({type(exc).__name__}: {exc}); check the data location") from None
-    if not isinstance(manifest, dict):
-        raise DataError(f"{where}: not a manifest (expected a JSON object written by sris prepare)")
-    return manifest
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise DataError(f"{where}: more than {MAX_MANIFEST_BYTES >> 20} MB, not a manifest")
+    return _parse(data, where)
 
 
 def read_manifest(data_dir: str | Path | DataLocation) -> dict:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import reprlib
 import warnings
 from pathlib import Path, PurePath
 from typing import Any
@@ -25,7 +24,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from .errors import DataError
+from .errors import DataError, short_repr
 from .safe_pickle import load_pickle
 from .sample import MAX_SAMPLE_PIXELS
 from .transforms import encode_mask_png
@@ -81,22 +80,14 @@ def _is_id(value: Any) -> bool:
 _MISSING = object()
 
 
-def _shown(value: Any) -> str:
-    """A short one-line repr whatever the value is (huge, nested, multi-line, self-referencing)."""
-    try:
-        return reprlib.repr(value)
-    except ValueError:  # an integer past Python's 4300-digit printing limit
-        return "an integer too long to print" if isinstance(value, int) else f"a {type(value).__name__} holding an integer too long to print"
-
-
 def _wrong(path: str | Path, where: str, field: str, expected: str, value: Any, hint: str) -> DataError:
-    got = "nothing" if value is _MISSING else _shown(value)
+    got = "nothing" if value is _MISSING else short_repr(value)
     return DataError(f"{path}: {where}: '{field}' must be {expected}, got {got}; {hint}")
 
 
 def _check_sentence(path: str | Path, where: str, sentence: Any) -> None:
     if not isinstance(sentence, dict):
-        raise DataError(f"{path}: {where} is {_shown(sentence)}, not a sentence dict {{sent_id, sent, raw, tokens}}; {REFS_HINT}")
+        raise DataError(f"{path}: {where} is {short_repr(sentence)}, not a sentence dict {{sent_id, sent, raw, tokens}}; {REFS_HINT}")
     if "sent_id" in sentence and not _is_id(sentence["sent_id"]):
         raise _wrong(path, where, "sent_id", "a non-negative integer", sentence["sent_id"], REFS_HINT)
     for field in ("sent", "raw"):  # absent means empty: counted as an empty sentence later
@@ -175,7 +166,7 @@ def _index_by_id(path: str | Path, coco: dict, section: str, check) -> dict[int,
     for index, entry in enumerate(entries):
         where = f"{section}[{index}]"
         if not isinstance(entry, dict):
-            raise DataError(f"{path}: {where} is {_shown(entry)}, not a dict; {INSTANCES_HINT}")
+            raise DataError(f"{path}: {where} is {short_repr(entry)}, not a dict; {INSTANCES_HINT}")
         if not _is_id(entry.get("id")):
             raise _wrong(path, where, "id", "a non-negative integer", entry.get("id", _MISSING), INSTANCES_HINT)
         where = f"{section}[{index}] (id {entry['id']})"

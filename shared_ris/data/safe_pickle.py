@@ -18,23 +18,14 @@ from __future__ import annotations
 
 import io
 import pickle
-import reprlib
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import DataError
+from .errors import DataError, short_repr
 
 
 class UnsafePickleError(DataError):
     """A pickle asked for a global, a call or an opcode that plain data never needs; nothing was run."""
-
-
-def _short(value: Any) -> str:
-    """A bounded one-line repr, safe on huge, deep or self-referencing values."""
-    try:
-        return reprlib.repr(value)
-    except ValueError:  # an integer past Python's 4300-digit printing limit
-        return f"<{type(value).__name__} too long to print>"
 
 
 def _text(raw: bytes) -> str:
@@ -45,7 +36,7 @@ def _text(raw: bytes) -> str:
 
 
 def _call(name: str, args: tuple) -> str:
-    return f"{name}({', '.join(_short(a) for a in args)})"
+    return f"{name}({', '.join(short_repr(a) for a in args)})"
 
 
 def _empty_bytes(*args: Any) -> str:
