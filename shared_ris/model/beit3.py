@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import DropPath, Multiway
+from ..layers import DropPath, Multiway, run_block
 from ..layers.attention import attention_weights, merge_heads, sdpa, split_heads
 
 # Rows 0 and 1 of each fairseq position table are padding rows that are never read.
@@ -156,6 +156,7 @@ class BEiT3(nn.Module):
         self.encoder = Encoder(
             embed_dim, depth, num_heads, ffn_dim, self.num_vision_tokens, max_text_positions, drop_path_rate, final_norm
         )
+        self.activation_checkpointing = False  # see SharedRIS.set_activation_checkpointing
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -208,6 +209,6 @@ class BEiT3(nn.Module):
         padding = self.sequence_padding_mask(text_padding_mask)
         states = [x]
         for layer in self.encoder.layers[: self.depth if num_layers is None else num_layers]:
-            x = layer(x, self.num_vision_tokens, padding)
+            x = run_block(layer, self.activation_checkpointing, x, self.num_vision_tokens, padding)
             states.append(x)
         return states

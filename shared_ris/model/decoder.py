@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from ..layers import Attention, Mlp
+from ..layers import Attention, Mlp, run_block
 
 
 class SharedBlock(nn.Module):
@@ -54,14 +54,16 @@ class SharedMaskDecoder(nn.Module):
         self.layers = nn.ModuleList(SharedBlock(dim, num_heads, mlp_ratio) for _ in range(shared_layers))
         self.upsample = nn.Sequential(*(UpsampleBlock(dim) for _ in range(upsample_blocks)))
         self.text_mlp = Mlp(dim, dim, dim)
+        self.activation_checkpointing = False
 
     def forward(self, z: torch.Tensor, key_padding_mask: torch.Tensor | None, num_vision_tokens: int) -> torch.Tensor:
         """z: (B, N, C) with vision tokens [cls, patches…] first → logits (B, 1, g·2**l, g·2**l)."""
         for layer in self.layers:
-            z = layer(z, key_padding_mask)
+            z = run_block(layer, self.activation_checkpointing, z, key_padding_mask)
         b, _, c = z.shape
         patches = z[:, 1:num_vision_tokens]  # drop the visual cls
         grid = math.isqrt(num_vision_tokens - 1)
+        # Not checkpointed: a recomputed BatchNorm would update its running statistics twice.
         feature_map = self.upsample(patches.transpose(1, 2).reshape(b, c, grid, grid))  # (B, C, H', W')
         text_cls = self.text_mlp(z[:, num_vision_tokens])  # (B, C): the <s> token
         logits = torch.einsum("bchw,bc->bhw", feature_map, text_cls)[:, None]

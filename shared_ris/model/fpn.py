@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import Attention
+from ..layers import Attention, run_block
 
 
 class SharedFPNLevel(nn.Module):
@@ -40,10 +40,12 @@ class SharedFPN(nn.Module):
         self.stages = list(stages)
         self.levels = nn.ModuleList(SharedFPNLevel(in_dim, dim, num_heads) for _ in stages)
         self.fuse = nn.Linear(len(stages) * dim, dim)
+        self.activation_checkpointing = False
 
     def forward(self, states: list[torch.Tensor], key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         """states: [h0, …, hL] from the encoder, each (B, N, D) → z (B, N, dim)."""
-        outs = [level(states[stage], key_padding_mask) for stage, level in zip(self.stages, self.levels)]
+        checkpointed = self.activation_checkpointing
+        outs = [run_block(level, checkpointed, states[stage], key_padding_mask) for stage, level in zip(self.stages, self.levels)]
         return self.fuse(torch.cat(outs, dim=-1))
 
 
@@ -55,6 +57,7 @@ class NoFPN(nn.Module):
         self.stages: list[int] = []
         self.norm = nn.LayerNorm(in_dim)
         self.proj = nn.Linear(in_dim, dim)
+        self.activation_checkpointing = False  # nothing large to recompute here
 
     def forward(self, states: list[torch.Tensor], key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         """states: [h0, …, hL], each (B, N, D) → z (B, N, dim) from hL alone."""

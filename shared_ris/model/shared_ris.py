@@ -57,6 +57,13 @@ class SharedRIS(nn.Module):
             unused += list(layer.parameters())
         return unused
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute each encoder layer, FPN level and shared decoder layer in the backward instead of
+        keeping its activations (same gradients, less memory, one more forward of those blocks). The
+        upsampling blocks are not: a recomputed BatchNorm would update its statistics twice."""
+        for part in (self.beit3, self.fpn, self.decoder):
+            part.activation_checkpointing = enabled
+
     @property
     def image_size(self) -> int:
         return self.beit3.image_size
