@@ -28,6 +28,7 @@ class ProgressView:
         )  # fmt: skip
         self.task = None
         self.img_s = 0.0
+        self.stats = ""
 
     def __enter__(self) -> "ProgressView":
         self.bar.__enter__()
@@ -45,11 +46,12 @@ class ProgressView:
                 f"{event['total_steps']} steps from step {event['step']}"
             )
         elif kind == "step":
-            self.img_s = event.get("img_s", self.img_s)
-            stats = f"loss {event['loss']:.4f}  lr {event['lr']:.2e}  {self.img_s:.1f} img/s"
-            self.bar.update(self.task, completed=event["step"], stats=stats)
-            if not self.live and "img_s" in event:
-                console.print(f"step {event['step']}/{event['total_steps']} epoch {event['epoch']}  {stats}", highlight=False, soft_wrap=True)
+            if "loss" in event:  # losses come with check-ins (every train.log_every steps); the bar moves every step
+                self.img_s = event.get("img_s", self.img_s)
+                self.stats = f"loss {event['loss']:.4f}  lr {event['lr']:.2e}  {self.img_s:.1f} img/s"
+                if not self.live:
+                    console.print(f"step {event['step']}/{event['total_steps']} epoch {event['epoch']}  {self.stats}", highlight=False, soft_wrap=True)
+            self.bar.update(self.task, completed=event["step"], stats=self.stats)
         elif kind == "val":
             figures = "  ".join(f"{k} {event[k]:.4f}" for k in ("oIoU", "mIoU", "P@0.5", "P@0.7", "P@0.9"))
             self.bar.console.print(f"val (epoch {event['epoch']}, step {event['step']}, {event['n']} expressions): {figures}", highlight=False, soft_wrap=True)

@@ -88,7 +88,8 @@ class DataConfig:
 class TrainConfig:
     epochs: int = 35
     max_steps: int = 0  # cap on optimizer steps for smoke runs; 0 = no cap
-    batch_size: int = 14  # per process
+    batch_size: int = 14  # per process and micro-batch
+    accumulate_steps: int = 1  # micro-batches per optimizer step: global batch = batch_size × processes × this
     lr: float = 1e-4
     min_lr: float = 0.0
     weight_decay: float = 5e-4
@@ -98,6 +99,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     sync_bn: bool = True  # batch-norm statistics over all processes (2×b trains like 1×2b)
     amp: str = "bf16"  # bf16 autocast on CUDA; ignored (fp32) on CPU
+    activation_checkpointing: bool = False  # recompute encoder / FPN / decoder blocks in backward: less memory
+    compile: bool = False  # torch.compile the training forward (CUDA; slower on CPU, see BENCHMARKS.md)
     eval_every: int = 1  # epochs
     log_every: int = 10  # steps
     seed: int = 0
@@ -270,6 +273,7 @@ RANGES = {
     "model.decoder.num_heads": "[1, inf)", "model.decoder.mlp_ratio": "(0, inf)", "model.decoder.upsample_blocks": "[0, inf)",
     "loss.bce_weight": "[0, inf)", "loss.dice_weight": "[0, inf)", "data.shuffle_buffer": "[1, inf)", "data.num_workers": "[0, inf)",
     "train.epochs": "[1, inf)", "train.max_steps": "[0, inf)", "train.batch_size": "[1, inf)", "train.lr": "(0, inf)",
+    "train.accumulate_steps": "[1, inf)",
     "train.min_lr": "[0, inf)", "train.weight_decay": "[0, inf)", "train.warmup_steps": "[0, inf)", "train.layer_decay": "(0, 1]",
     "train.grad_clip": "[0, inf)", "train.eval_every": "[1, inf)", "train.log_every": "[1, inf)",
 }  # fmt: skip

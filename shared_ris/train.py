@@ -3,39 +3,37 @@ checkpoints, teardown (nanoGPT style; no trainer framework).
 
 ``train()`` is the door for the CLI and for Python: it checks the inputs, joins the process group
 torchrun describes (or runs alone), builds the shard loaders and calls :func:`train_loop`, which
-takes any :class:`DataSource`, so tests can drive it with in-memory batches. :func:`train_step`
-is one optimizer step, the same one ``benchmarks/train_step.py`` times.
+takes any :class:`DataSource`, so tests can drive it with in-memory batches. One optimizer step
+(``train.accumulate_steps`` micro-batches, no host-device synchronisation) is
+:func:`shared_ris.trainee.train_step`, the same one ``benchmarks/train_step.py`` times; the host
+checks in with the device every ``train.log_every`` steps and at every epoch end (:func:`check_in`).
 
 Run folder: see :mod:`shared_ris.run_folder`; checkpoints: :mod:`shared_ris.checkpoint`.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
 from .checkpoint import load_checkpoint, load_tokenizer
 from .config import Recipe
 from .data import build_eval_loader, build_train_loader, read_manifest
 from .data.location import DataLocation, data_location
 from .data.manifest import split_info
-from .device import amp_for, autocast
+from .data.streams import batched
 from .distributed import DistEnv, setup, sum_across_ranks, teardown
 from .errors import SharedRISError
 from .evaluate import evaluate_model
-from .layers.sync_batchnorm import convert_sync_batchnorm
-from .model import SharedRIS, build_model, segmentation_loss
-from .optim import build_optimizer, lr_at, set_lr
+from .optim import lr_at, set_lr
 from .run_folder import RunFolder, check_folder_free
 from .stop_signal import StopOnSignal
 from .tokenizer import Tokenizer
 from .train_state import RunState, set_rng_state
+from .trainee import LOSS_KEYS, Trainee, build_trainee, train_step, wrap_for_training
 
 Progress = Callable[[dict], None]
 VAL_KEYS = ("oIoU", "mIoU", "P@0.5", "P@0.7", "P@0.9", "n")
@@ -57,12 +55,15 @@ class NonFiniteLossError(TrainError):
 
 
 class DataSource(Protocol):
-    """What the loop needs from the data: per-rank batches of equal count on every rank."""
+    """What the loop needs from the data: per-rank (micro-)batches of equal count on every rank.
 
-    steps_per_epoch: int
+    An optimizer step takes ``train.accumulate_steps`` = k of them: an epoch has
+    ``batches_per_epoch // k`` steps, and step s of an epoch starts at batch s·k."""
 
-    def train_batches(self, epoch: int, start_step: int) -> Iterable[dict]:
-        """Batches ``start_step`` … ``steps_per_epoch - 1`` of ``epoch``; a pure function of its arguments."""
+    batches_per_epoch: int
+
+    def train_batches(self, epoch: int, start_batch: int) -> Iterable[dict]:
+        """Batches ``start_batch`` … ``batches_per_epoch - 1`` of ``epoch``; a pure function of its arguments."""
 
     def val_batches(self) -> Iterable[dict] | None:
         """This rank's share of every validation expression, or None for no validation."""
@@ -73,13 +74,13 @@ class ShardData:
 
     def __init__(self, data_dir: str | Path, recipe: Recipe, tokenizer: Tokenizer, env: DistEnv) -> None:
         self.loader = build_train_loader(data_dir, recipe, tokenizer, rank=env.rank, world_size=env.world_size)
-        self.steps_per_epoch = len(self.loader)
+        self.batches_per_epoch = len(self.loader)
         self._val = lambda: build_eval_loader(
             data_dir, recipe.data.val_split, recipe, tokenizer, rank=env.rank, world_size=env.world_size
         )
 
-    def train_batches(self, epoch: int, start_step: int) -> Iterable[dict]:
-        self.loader.set_epoch(epoch, start_step)
+    def train_batches(self, epoch: int, start_batch: int) -> Iterable[dict]:
+        self.loader.set_epoch(epoch, start_batch)
         return self.loader
 
     def val_batches(self) -> Iterable[dict]:
@@ -110,10 +111,12 @@ def preflight(
     manifest = read_manifest(location)
     split_info(manifest, recipe.data.val_split, location)
     samples = split_info(manifest, recipe.data.train_split, location)["samples"]
-    if samples < recipe.train.batch_size * world_size:
+    cfg = recipe.train
+    if samples < cfg.batch_size * world_size * cfg.accumulate_steps:
         raise TrainError(
-            f"the '{recipe.data.train_split}' split has {samples} samples, fewer than one batch of "
-            f"train.batch_size={recipe.train.batch_size} × {world_size} process(es); lower train.batch_size"
+            f"the '{recipe.data.train_split}' split has {samples} samples, fewer than one optimizer step of "
+            f"train.batch_size={cfg.batch_size} × {world_size} process(es) × train.accumulate_steps={cfg.accumulate_steps}; "
+            "lower train.batch_size or train.accumulate_steps"
         )
     tokenizer_path = tokenizer_path or default_tokenizer_path(location)
     if tokenizer_path is None:
@@ -185,37 +188,6 @@ def rng_neutral(batches: Iterable[dict]) -> Iterator[dict]:
         yield batch
 
 
-@dataclass
-class Trainee:
-    """The objects one step updates: the model, its DDP wrapper (the model itself when alone),
-    AdamW, the fp16 loss scaler (disabled otherwise), and where and how precisely it runs."""
-
-    model: SharedRIS
-    ddp: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    device: torch.device
-    amp: str
-
-    def state_dicts(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict()}
-
-
-def build_trainee(recipe: Recipe, env: DistEnv, pretrained: str | Path | None, notify: Progress) -> Trainee:
-    """The same initial weights on every rank (DDP also broadcasts rank 0's when it wraps)."""
-    torch.manual_seed(recipe.train.seed)
-    model = build_model(recipe)
-    if pretrained is not None:
-        notify({"event": "message", "text": model.load_pretrained(pretrained, verbose=False).summary()})
-    if env.distributed and recipe.train.sync_bn:
-        model = convert_sync_batchnorm(model, env.device)
-    model.to(env.device)
-    optimizer = build_optimizer(model, recipe.train)
-    amp = amp_for(env.device, recipe.train.amp)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
-    return Trainee(model, model, optimizer, scaler, env.device, amp)
-
-
 def resume_from(path: Path, trainee: Trainee, recipe: Recipe, env: DistEnv, notify: Progress) -> RunState:
     """Weights, optimizer, counters, best score and this rank's RNG from a checkpoint."""
     checkpoint = load_checkpoint(path)
@@ -235,37 +207,6 @@ def resume_from(path: Path, trainee: Trainee, recipe: Recipe, env: DistEnv, noti
     changed = _changed_keys(checkpoint["recipe"], recipe.to_dict())
     notify({"event": "message", "text": message + (f"; recipe keys changed: {', '.join(changed)}" if changed else "")})
     return state
-
-
-def train_step(trainee: Trainee, batch: dict, recipe: Recipe, env: DistEnv = DistEnv(), stop_requested: bool = False) -> dict:
-    """One optimizer step on this rank's ``batch``; every rank calls it together.
-
-    Forward under autocast, 2·BCE + 0.5·Dice, one all-reduce of the losses and the stop vote, then
-    (only when the global loss is finite) backward, clipping and AdamW. Returns the global mean
-    ``loss`` / ``bce`` / ``dice``, ``stop`` (a rank was asked to stop) and ``finite`` (False: no update).
-    """
-    device = trainee.device
-    with autocast(device, trainee.amp):
-        logits = trainee.ddp(
-            batch["images"].to(device, non_blocking=True),
-            batch["text_ids"].to(device, non_blocking=True),
-            batch["text_padding_mask"].to(device, non_blocking=True),
-        )
-    losses = segmentation_loss(logits, batch["masks"].to(device), recipe.loss.bce_weight, recipe.loss.dice_weight)
-    loss_sum, bce_sum, dice_sum, stop_votes = sum_across_ranks(
-        [losses["loss"].item(), losses["bce"].item(), losses["dice"].item(), float(stop_requested)], env
-    )
-    finite = math.isfinite(loss_sum)
-    if finite:
-        trainee.optimizer.zero_grad(set_to_none=True)
-        trainee.scaler.scale(losses["loss"]).backward()
-        if recipe.train.grad_clip > 0:
-            trainee.scaler.unscale_(trainee.optimizer)
-            torch.nn.utils.clip_grad_norm_(trainee.model.parameters(), recipe.train.grad_clip)
-        trainee.scaler.step(trainee.optimizer)
-        trainee.scaler.update()
-    n = env.world_size
-    return {"loss": loss_sum / n, "bce": bce_sum / n, "dice": dice_sum / n, "stop": stop_votes > 0, "finite": finite}
 
 
 def validate(trainee: Trainee, batches: Iterable[dict], recipe: Recipe) -> dict:
@@ -310,9 +251,31 @@ class Throughput:
 
 def total_train_steps(cfg, steps_per_epoch: int) -> int:
     if steps_per_epoch < 1:
-        raise TrainError("the training split yields no batch per process; lower train.batch_size or use fewer processes")
+        raise TrainError(
+            "the training split yields no optimizer step per process; lower train.batch_size, train.accumulate_steps "
+            "or use fewer processes"
+        )
     total = cfg.epochs * steps_per_epoch
     return min(total, cfg.max_steps) if cfg.max_steps > 0 else total
+
+
+def check_in(run: RunFolder, trainee: Trainee, state: RunState, losses: torch.Tensor, env: DistEnv, stop_requested: bool) -> tuple[dict, bool]:
+    """The host's look at the device: the one synchronisation outside validation and saving.
+
+    A non-finite loss since the last check-in stops the run: the guard has undone every step from
+    it on, so the model is as after the step before it, which is saved to ``last.pt`` (with the
+    counters of that step) before :class:`NonFiniteLossError` names the step. Otherwise returns
+    this step's global losses and whether any rank was asked to stop (all ranks agree)."""
+    verdict = trainee.guard.verdict()
+    if verdict is not None:
+        first_bad, loss = verdict
+        done = state.step - first_bad + 1  # steps undone; check-ins at every epoch end keep them in this epoch
+        before = RunState(first_bad - 1, state.epoch, state.epoch_step - done, state.best_oiou)
+        run.save(["last.pt"], trainee.state_dicts(), before)
+        raise NonFiniteLossError.at(loss, before, run.path / "last.pt")
+    values = dict(zip(LOSS_KEYS, losses.tolist()))
+    stop_votes = sum_across_ranks([float(stop_requested)], env)[0]
+    return values, stop_votes > 0
 
 
 def train_loop(
@@ -324,37 +287,36 @@ def train_loop(
     Returns {"step", "epoch", "best_oiou", "val", "stopped", "out_dir", "wall_s"}; raises
     :class:`NonFiniteLossError` (after saving ``last.pt``) when the loss is not finite.
     """
-    cfg, started = recipe.train, time.time()
+    cfg, k, started = recipe.train, recipe.train.accumulate_steps, time.time()
     if env.device.type == "cpu":
         torch.set_flush_denormal(True)  # denormal activations and Adam moments made CPU steps up to 100× slower
     notify = progress if (progress is not None and env.is_main) else (lambda event: None)
     with RunFolder(out_dir, recipe, env, tokenizer_path) as run, StopOnSignal() as stop:
         checkpoint_path = run.resume_path(resume)
         trainee = build_trainee(recipe, env, pretrained if checkpoint_path is None else None, notify)
-        total_steps = total_train_steps(cfg, data.steps_per_epoch)
+        steps_per_epoch = data.batches_per_epoch // k
+        total_steps = total_train_steps(cfg, steps_per_epoch)
         torch.manual_seed(cfg.seed + env.rank)  # drop path differs across ranks, repeatably
         state = resume_from(checkpoint_path, trainee, recipe, env, notify) if checkpoint_path else RunState()
         run.open_log(state.step if checkpoint_path else None)
-        if env.distributed:
-            trainee.ddp = DistributedDataParallel(trainee.model, device_ids=[env.device] if env.device.type == "cuda" else None)
-        notify({"event": "start", "step": state.step, "total_steps": total_steps, "steps_per_epoch": data.steps_per_epoch, "world_size": env.world_size})
+        wrap_for_training(trainee, recipe, env)
+        notify({"event": "start", "step": state.step, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch, "world_size": env.world_size})
 
         trainee.model.train()
         stopped, val, val_step = False, None, -1
-        meter = Throughput(cfg.batch_size * env.world_size, state.step)
+        meter = Throughput(cfg.batch_size * env.world_size * k, state.step)
         while state.step < total_steps and not stopped:
-            for batch in rng_neutral(data.train_batches(state.epoch, state.epoch_step)):
+            for micro_batches in batched(rng_neutral(data.train_batches(state.epoch, state.epoch_step * k)), k):
+                if len(micro_batches) < k or state.epoch_step >= steps_per_epoch:
+                    break  # only whole optimizer steps; the epoch's remainder is dropped
                 lr = lr_at(state.step, total_steps, cfg)
                 set_lr(trainee.optimizer, lr)
-                out = train_step(trainee, batch, recipe, env, stop.requested)
-                if not out["finite"]:  # no update was made: save the state before this step and stop
-                    run.save(["last.pt"], trainee.state_dicts(), state)
-                    raise NonFiniteLossError.at(out["loss"], state, run.path / "last.pt")
+                losses = train_step(trainee, micro_batches, recipe, env, step=state.step + 1)
                 state.advance()
-                stopped = out["stop"]
-                record = {"step": state.step, "epoch": state.epoch, "loss": out["loss"], "bce": out["bce"], "dice": out["dice"], "lr": lr}
-                if state.step % cfg.log_every == 0 or state.step == total_steps or stopped:
-                    record["img_s"] = meter.rate(state.step)
+                record = {"step": state.step, "epoch": state.epoch, "lr": lr}
+                if state.step % cfg.log_every == 0 or state.step == total_steps or state.epoch_step == steps_per_epoch:
+                    values, stopped = check_in(run, trainee, state, losses, env, stop.requested)
+                    record = {"step": state.step, "epoch": state.epoch, **values, "lr": lr, "img_s": meter.rate(state.step)}
                     run.log(record)
                 notify({"event": "step", **record, "total_steps": total_steps})
                 if stopped or state.step >= total_steps:
@@ -362,7 +324,7 @@ def train_loop(
             if stopped:
                 run.save(["last.pt"], trainee.state_dicts(), state)
                 break
-            if state.epoch_step >= data.steps_per_epoch:  # an epoch is complete: continue from the next one
+            if state.epoch_step >= steps_per_epoch:  # an epoch is complete: continue from the next one
                 state.next_epoch()
                 if state.epoch % cfg.eval_every == 0 or state.step >= total_steps:
                     val, val_step = validate_and_save(run, trainee, data, recipe, state, notify), state.step

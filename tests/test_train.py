@@ -40,7 +40,7 @@ class MemoryData:
     def __init__(self, recipe, rank=0, world_size=1, samples=24, nan_at_step=None):
         self.b, self.rank = recipe.train.batch_size, rank
         self.global_batch = self.b * world_size
-        self.steps_per_epoch = samples // self.global_batch
+        self.batches_per_epoch = samples // self.global_batch
         self.samples, self.nan_at_step = samples, nan_at_step
         size, length = recipe.model.image_size, recipe.model.max_text_len
         g = torch.Generator().manual_seed(123)
@@ -49,12 +49,12 @@ class MemoryData:
         self.padding = torch.arange(length)[None] >= torch.randint(3, length, (samples, 1), generator=g)
         self.masks = (torch.rand(samples, 1, size, size, generator=g) > 0.6).float()
 
-    def train_batches(self, epoch, start_step):
+    def train_batches(self, epoch, start_batch):
         order = torch.randperm(self.samples, generator=torch.Generator().manual_seed(epoch))
-        for step in range(start_step, self.steps_per_epoch):
+        for step in range(start_batch, self.batches_per_epoch):
             rows = order[step * self.global_batch :][self.rank * self.b : (self.rank + 1) * self.b]
             images = self.images[rows].clone()
-            if self.nan_at_step == epoch * self.steps_per_epoch + step + 1:
+            if self.nan_at_step == epoch * self.batches_per_epoch + step + 1:
                 images[0, 0, 0, 0] = float("nan")
             yield {"images": images, "text_ids": self.text_ids[rows], "text_padding_mask": self.padding[rows], "masks": self.masks[rows]}
 
