@@ -44,7 +44,9 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
 
 def save_trained(model: nn.Module, recipe: Recipe, path: str | Path, **meta: Any) -> Path:
     """Save weights and recipe in the format eval and predict read (``meta``: plain values such as
-    ``step`` or ``tokenizer_path``). What tests, benchmarks and exports use instead of a full run."""
+    ``step`` or ``tokenizer_path``). What tests, benchmarks and exports use instead of a full run.
+    The folder is created if needed."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint({"model": model.state_dict(), "recipe": recipe.to_dict(), **meta}, path)
     return Path(path)
 
