@@ -22,6 +22,7 @@ from .launch import relaunch
 Resolution = Enum("Resolution", {name: name for name in RESOLUTIONS}, type=str)
 Comparison = Enum("Comparison", {"strict": "strict", "inclusive": "inclusive"}, type=str)
 Preset = Enum("Preset", {name: name for name in PROTOCOLS}, type=str)
+EmptyIoU = Enum("EmptyIoU", {"one": "1", "zero": "0"}, type=str)
 
 
 def _percent(value: float) -> str:
@@ -70,13 +71,14 @@ def evaluate(
     split: str = typer.Option("val", "--split", "-s", help="Split(s) to score, comma-separated, e.g. val,testA,testB."),
     protocol: Preset = typer.Option(
         "default", "--protocol",
-        help="Preset: default = original size, σ > recipe τ, P@X with IoU > X (what training's validation reports); "
-        "lavt = 480² input size (ground truth resized, nearest), σ > 0.5 (LAVT's argmax), P@X with IoU ≥ X. "
-        "--resolution / --threshold / --precision override single choices.",
+        help="Preset: default = original size, σ > recipe τ, P@X with IoU > X, both masks empty = IoU 1 (what training's "
+        "validation reports); lavt = 480² input size (ground truth resized with PIL nearest, as LAVT), σ > 0.5 (LAVT's argmax), "
+        "P@X with IoU ≥ X, both empty = IoU 0. --resolution / --threshold / --precision / --empty-iou override single choices.",
     ),
     resolution: Optional[Resolution] = typer.Option(None, "--resolution", help="Score masks at the image's original size or at the model's input size."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="τ on the probability map (default: the recipe's, 0.35)."),
     precision: Optional[Comparison] = typer.Option(None, "--precision", help="P@X counts IoU > X (strict) or IoU ≥ X (inclusive)."),
+    empty_iou: Optional[EmptyIoU] = typer.Option(None, "--empty-iou", help="IoU of an expression whose prediction and ground truth are both empty: 1 or 0 (LAVT)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Sentencepiece model (default: DATA/spm.model, else the one beside the checkpoint)."),
     gpus: int = typer.Option(1, "--gpus", help="Evaluate on N GPUs (NCCL); the figures equal a single process's exactly."),
     nproc: int = typer.Option(1, "--nproc", help="Evaluate on N CPU processes (gloo); for testing multi-process evaluation."),
@@ -84,7 +86,11 @@ def evaluate(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Expressions per batch (default: the loader's)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Data loader workers (default: the recipe's)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the figures (IoUs as fractions) to this JSON file."),
-    save_masks: Optional[Path] = typer.Option(None, "--save-masks", help="Write DIR/{split}/{key}_{sent_id}.png (0/255, original size)."),
+    save_masks: Optional[Path] = typer.Option(
+        None, "--save-masks",
+        help="Write the scored masks, DIR/{split}/{key}_{sent_id}.png, and the ground truth they were scored against, "
+        "DIR/{split}/gt/{key}.png (0/255, at the scoring resolution: the image's size, or S×S under --resolution input).",
+    ),  # fmt: skip
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw mIoU by target size as a bar chart (PNG)."),
 ) -> None:
     """Score a trained checkpoint on prepared splits: oIoU, mIoU, P@0.5/0.7/0.9 and IoU by target size."""
@@ -93,6 +99,7 @@ def evaluate(
         resolution=resolution.value if resolution else None,
         threshold=threshold,
         inclusive=None if precision is None else precision.value == "inclusive",
+        empty_iou=None if empty_iou is None else float(empty_iou.value),
     )
     splits = parse_splits(split)
     _check_options(gpus, nproc, workers, batch_size)
@@ -121,7 +128,7 @@ def evaluate(
 
         report = evaluate_run(
             checkpoint, location, splits, tokenizer=tokenizer, resolution=chosen.resolution, threshold=chosen.threshold,
-            inclusive=chosen.inclusive, save_masks=save_masks, device=device, batch_size=batch_size,
+            inclusive=chosen.inclusive, empty_iou=chosen.empty_iou, save_masks=save_masks, device=device, batch_size=batch_size,
             num_workers=workers, progress=advance,
         )  # fmt: skip
     if not is_main:
@@ -132,7 +139,7 @@ def evaluate(
     if json_path is not None:
         write_json(json_path, report)
     if save_masks is not None:
-        console.print(f"masks in {save_masks}/{{split}}/")
+        console.print(f"scored masks in {save_masks}/{{split}}/, the ground truth they were scored against in {save_masks}/{{split}}/gt/")
     if plot is not None:
         plot.parent.mkdir(parents=True, exist_ok=True)
         plot_iou_by_size({n: f["by_size"] for n, f in report["splits"].items()}, plot, subtitle=line)

@@ -7,11 +7,13 @@ from typing import Callable, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.markup import escape
 from rich.table import Table
 
 from shared_ris.data import export_examples, prepare_refer, prepare_synthetic
+from shared_ris.data.prepare import prepare_parquet, standard_counts
 
-from .common import console, user_errors
+from .common import console, fail, user_errors
 
 prepare_app = typer.Typer(
     help="Convert a dataset to WebDataset shards ({dataset}-{split}-NNNNNN.tar) plus manifest.json. "
@@ -19,7 +21,12 @@ prepare_app = typer.Typer(
     no_args_is_help=True,
 )
 
-ReferRoot = typer.Option(..., "--refer-root", help="The refer API data folder: refcoco/refs(unc).p, refcoco/instances.json, ...")
+ReferRoot = typer.Option(None, "--refer-root", help="The refer API data folder: refcoco/refs(unc).p, refcoco/instances.json, ...")
+Parquet = typer.Option(
+    None, "--parquet",
+    help="Instead of --refer-root: a folder of the Hugging Face parquet copies (jxu124/refcoco, jxu124/refcocoplus, "
+    "jxu124/refcocog), every *.parquet in it or below. Needs pip install 'shared-ris[parquet]'.",
+)  # fmt: skip
 Images = typer.Option(..., "--images", help="COCO train2014/ (COCO_train2014_000000000009.jpg, ...).")
 Out = typer.Option(..., "--out", help="Output folder (one per dataset).")
 ShardSize = typer.Option(1000, "--shard-size", min=1, help="Refs per shard.")
@@ -57,13 +64,22 @@ def _run(what: str, fn: Callable[..., dict], **kwargs) -> dict:
 
 def _summary(manifest: dict, out: Path) -> None:
     table = Table(title=f"{manifest['dataset']} → {out}")
-    for column in ("split", "samples", "sentences", "images", "shards", "MB"):
+    for column in ("split", "samples", "sentences", "images", "shards", "MB", "empty masks", "empty texts (sent/raw)"):
         table.add_column(column, justify="left" if column == "split" else "right")
     for name, split in manifest["splits"].items():
-        table.add_row(name, str(split["samples"]), str(split["sentences"]), str(split["images"]), str(len(split["shards"])), f"{split['bytes'] / 1e6:.1f}")
+        empty_texts = split.get("empty_text_sentences", {})
+        table.add_row(
+            name, str(split["samples"]), str(split["sentences"]), str(split["images"]), str(len(split["shards"])),
+            f"{split['bytes'] / 1e6:.1f}", str(split.get("empty_mask_samples", 0)), f"{empty_texts.get('sent', 0)}/{empty_texts.get('raw', 0)}",
+        )  # fmt: skip
     console.print(table)
+    if any(split.get("empty_mask_samples") or any(split.get("empty_text_sentences", {}).values()) for split in manifest["splits"].values()):
+        console.print("empty masks and empty texts are kept: sris eval scores them (as the papers do), training skips them", style="dim")
     if "excluded_images" in manifest:
         console.print(f"train: dropped {manifest['excluded_refs']} refs on {manifest['excluded_images']} images that appear in a val/test split")
+    if manifest["sources"].get("duplicate_rows"):
+        console.print(f"[yellow]{manifest['sources']['duplicate_rows']} refs appear in two parquet files with the same content (kept once): a stale copy of a split in --parquet?[/]")
+    _standard_counts(manifest)
     if manifest["skipped_counts"]:
         skipped = Table(title="skipped (details in manifest.json)")
         skipped.add_column("reason")
@@ -75,12 +91,24 @@ def _summary(manifest: dict, out: Path) -> None:
         console.print("nothing skipped")
 
 
+def _standard_counts(manifest: dict) -> None:
+    """Each split beside the refer API's counts, so an incomplete download shows before training."""
+    for row in standard_counts(manifest):
+        if row.standard is None:
+            continue
+        if row.matches:
+            console.print(row.describe(), highlight=False)
+        else:
+            console.print(f"[yellow]warning: {escape(row.describe())}[/]", highlight=False)
+
+
 def _refer_command(dataset: str, split_by_default: str | None, split_by_help: str, splits_help: str, doc: str):
     """One ``sris prepare`` command of the refer family (the combined set has no --split-by)."""
 
     @user_errors
     def command(
-        refer_root: Path = ReferRoot,
+        refer_root: Optional[Path] = ReferRoot,
+        parquet: Optional[Path] = Parquet,
         images: Path = Images,
         out: Path = Out,
         split_by: Optional[str] = typer.Option(split_by_default, "--split-by", help=split_by_help, hidden=split_by_default is None),
@@ -91,11 +119,15 @@ def _refer_command(dataset: str, split_by_default: str | None, split_by_help: st
         strict: bool = Strict,
         overwrite: bool = Overwrite,
     ) -> None:
-        _run(
-            f"{dataset} ({split_by})" if split_by else dataset, prepare_refer, dataset=dataset, refer_root=refer_root,
-            images_dir=images, out_dir=out, split_by=split_by, splits=splits, shard_size=shard_size, workers=workers,
-            limit=limit, strict=strict, overwrite=overwrite,
-        )  # fmt: skip
+        if (refer_root is None) == (parquet is None):
+            fail("give the refs as --refer-root (the refer API's data folder) or --parquet (the Hugging Face parquet copies), one of the two")
+        what = f"{dataset} ({split_by})" if split_by else dataset
+        common = dict(dataset=dataset, images_dir=images, out_dir=out, split_by=split_by, splits=splits, shard_size=shard_size,
+                      workers=workers, limit=limit, strict=strict, overwrite=overwrite)  # fmt: skip
+        if parquet is not None:
+            _run(what, prepare_parquet, parquet_dir=parquet, **common)
+        else:
+            _run(what, prepare_refer, refer_root=refer_root, **common)
 
     command.__doc__ = doc
     return command
@@ -107,7 +139,7 @@ for _dataset, _split_by, _split_by_help in (
     ("refcoco+", "unc", "unc (train/val/testA/testB)."),
     ("refcocog", "umd", "umd (train/val/test) or google (train/val)."),
 ):
-    _doc = f"{_dataset}: refs({_split_by}).p + instances.json + COCO images → shards."
+    _doc = f"{_dataset}: refs({_split_by}).p + instances.json (or the Hugging Face parquet copy) + COCO images → shards."
     prepare_app.command(_dataset)(_refer_command(_dataset, _split_by, _split_by_help, SUBSET, _doc))
 prepare_app.command("refcoco-combined")(_refer_command(
     "refcoco-combined", None, "Fixed: unc for RefCOCO/+, umd for RefCOCOg.",

@@ -1,8 +1,10 @@
 """Evaluation: the loop shared by training's validation and ``sris eval``, one score per expression.
 
 The protocol is explicit because published RIS numbers mix two: CRIS / CGFormer score masks at the
-original image size with P@X counting IoU > X; LAVT scores at the 480×480 input size with IoU ≥ X.
-:class:`Protocol` names the three choices and :data:`PROTOCOLS` holds the presets.
+original image size with P@X counting IoU > X; LAVT scores at the 480×480 input size with IoU ≥ X
+and IoU 0 for an empty prediction of an empty ground truth. :class:`Protocol` names the four
+choices and :data:`PROTOCOLS` holds the presets. Every sentence of every ref is scored, an empty
+text and an empty mask included (the refer API's count, what the papers' figures are over).
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from .checkpoint import check_run, load_run
 from .data import DataError, build_eval_loader
 from .data.location import DataLocation, data_location
 from .data.manifest import read_manifest, split_info, split_shards
+from .data.transforms import mask_to_tensor
 from .device import autocast, check_device
 from .distributed import setup, teardown
 from .errors import SharedRISError
@@ -36,51 +38,65 @@ class Protocol:
 
     Args:
         resolution: ``"original"`` (the image's own size; logits resized bilinearly) or ``"input"``
-            (S×S, the ground truth resized with nearest neighbour, LAVT's protocol).
+            (S×S, LAVT's protocol: the ground truth resized as a PIL image with ``Image.NEAREST``,
+            pixel for pixel what LAVT's ``transforms.Resize`` feeds its ``test.py``).
         threshold: τ on σ(logits); ``None`` means the recipe's ``model.threshold``.
         inclusive: P@X counts IoU ≥ X (LAVT) instead of IoU > X.
+        empty_iou: the IoU of an expression whose prediction and ground truth are both empty:
+            1 (a correct "nothing there") or 0 (LAVT's ``test.py``: IoU 0 when the union is 0).
     """
 
     resolution: str = "original"
     threshold: float | None = None
     inclusive: bool = False
+    empty_iou: float = 1.0
 
     def __post_init__(self) -> None:
         if self.resolution not in RESOLUTIONS:
             raise SharedRISError(f"resolution must be one of {', '.join(RESOLUTIONS)}, got {self.resolution!r}")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise SharedRISError(f"threshold must be a probability in (0, 1), got {self.threshold}")
+        if self.empty_iou not in (0.0, 1.0):
+            raise SharedRISError(f"empty IoU (both masks empty) must be 1 or 0, got {self.empty_iou}")
+        object.__setattr__(self, "empty_iou", float(self.empty_iou))  # 1 and 1.0 print and compare alike
 
     def describe(self, image_size: int | None = None) -> str:
-        """One line to print under every table, e.g.
-        ``protocol: masks at original size, σ>0.35, P@X: IoU > X, per expression``."""
+        """One line to print under every table, e.g. ``protocol: masks at original size, σ>0.35,
+        P@X: IoU > X, both empty: IoU 1, per expression``."""
         if self.resolution == "original":
             where = "original size"
         else:
             side = f"{image_size}×{image_size} " if image_size else ""
-            where = f"{side}input size (ground truth resized, nearest)"
+            where = f"{side}input size (ground truth resized, PIL nearest)"
         tau = "recipe τ" if self.threshold is None else f"{self.threshold:g}"
-        return f"protocol: masks at {where}, σ>{tau}, P@X: IoU {'≥' if self.inclusive else '>'} X, per expression"
+        comparison = "≥" if self.inclusive else ">"
+        return f"protocol: masks at {where}, σ>{tau}, P@X: IoU {comparison} X, both empty: IoU {self.empty_iou:g}, per expression"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 # "default" is what training's validation reports; "lavt" reproduces LAVT's test.py: scores at the
-# 480×480 input, argmax over two classes (= probability > 0.5 for our single logit), P@X with ≥.
+# 480×480 input, argmax over two classes (= probability > 0.5 for our single logit), P@X with ≥,
+# IoU 0 when prediction and ground truth are both empty.
 PROTOCOLS = {
     "default": Protocol(),
-    "lavt": Protocol(resolution="input", threshold=0.5, inclusive=True),
+    "lavt": Protocol(resolution="input", threshold=0.5, inclusive=True, empty_iou=0.0),
 }
 
 
 def resolve_protocol(
-    preset: str = "default", *, resolution: str | None = None, threshold: float | None = None, inclusive: bool | None = None
+    preset: str = "default",
+    *,
+    resolution: str | None = None,
+    threshold: float | None = None,
+    inclusive: bool | None = None,
+    empty_iou: float | None = None,
 ) -> Protocol:
     """A preset from :data:`PROTOCOLS` with any explicitly given choice overriding it."""
     if preset not in PROTOCOLS:
         raise SharedRISError(f"unknown protocol {preset!r}; choose one of {', '.join(PROTOCOLS)}")
-    given = {"resolution": resolution, "threshold": threshold, "inclusive": inclusive}
+    given = {"resolution": resolution, "threshold": threshold, "inclusive": inclusive, "empty_iou": empty_iou}
     return replace(PROTOCOLS[preset], **{k: v for k, v in given.items() if v is not None})
 
 
@@ -98,15 +114,17 @@ def evaluate_model(
     amp: str = "fp32",
     progress=None,
     on_mask: Callable[[str, int, torch.Tensor], None] | None = None,
+    on_target: Callable[[str, torch.Tensor], None] | None = None,
 ) -> MetricAccumulator:
     """Score every expression the loader yields.
 
     ``resolution="original"`` scores at the image's own size against ``orig_masks``;
-    ``"input"`` scores at the model's input size (S×S) against the mask resized with nearest
-    neighbour (LAVT's protocol). Under torch.distributed every rank scores its share and the exact
+    ``"input"`` scores at the model's input size (S×S) against the mask resized as LAVT resizes it
+    (:func:`lavt_target`). Under torch.distributed every rank scores its share and the exact
     integer records of all ranks are merged, so each rank returns the accumulator of the whole split.
-    ``progress(n)`` is called per batch with the batch's size; ``on_mask(key, sent_id, mask)`` gets
-    each predicted mask at the original size (bool (H, W)), e.g. to save it.
+    ``progress(n)`` is called per batch with the batch's size. ``on_mask(key, sent_id, mask)`` gets
+    each scored prediction and ``on_target(key, target)`` each ground truth it was scored against
+    (bool, at the scoring resolution; once per expression), e.g. to save them.
     """
     if resolution not in RESOLUTIONS:
         raise ValueError(f"resolution must be 'original' or 'input', got {resolution!r}")
@@ -114,25 +132,25 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     acc = MetricAccumulator()
+    resized: tuple[str | None, torch.Tensor | None] = (None, None)
     for batch in loader:
         with autocast(device, amp):
             logits = model(
                 batch["images"].to(device), batch["text_ids"].to(device), batch["text_padding_mask"].to(device)
             )
         logits = logits.float().cpu()
+        side = batch["images"].shape[-1]
         for i, (key, sent_id) in enumerate(zip(batch["keys"], batch["sent_ids"])):
             original = torch.as_tensor(batch["orig_masks"][i]).bool()
-            if resolution == "original":
-                target = original
-            else:
-                side = batch["images"].shape[-1]
-                target = F.interpolate(original[None, None].float(), size=(side, side), mode="nearest")[0, 0].bool()
+            if resolution == "input" and resized[0] != key:  # a ref's sentences come one after another: resize once
+                resized = (key, lavt_target(original, side))
+            target = original if resolution == "original" else resized[1]
             pred = logits_to_mask(logits[i], tuple(target.shape), threshold)
             acc.add(f"{key}_{sent_id}", pred, target)
             if on_mask is not None:
-                if resolution != "original":
-                    pred = logits_to_mask(logits[i], tuple(original.shape), threshold)
                 on_mask(key, sent_id, pred)
+            if on_target is not None:
+                on_target(key, target)
         if progress is not None:
             progress(len(batch["keys"]))
     model.train(was_training)
@@ -141,6 +159,13 @@ def evaluate_model(
         dist.all_gather_object(gathered, acc.records())
         return MetricAccumulator.from_records([r for part in gathered for r in part])
     return MetricAccumulator.from_records(acc.records())
+
+
+def lavt_target(mask: torch.Tensor, side: int) -> torch.Tensor:
+    """LAVT's S×S ground truth: the mask as a PIL image resized with ``Image.NEAREST`` (its
+    ``transforms.Resize`` → torchvision's ``F.resize`` on a PIL image). torch's ``nearest`` picks
+    other source pixels on non-square images, so PIL does the resize here, bit for bit."""
+    return mask_to_tensor(mask, side)[0].bool()
 
 
 def parse_splits(splits: str | Iterable[str]) -> list[str]:
@@ -166,13 +191,24 @@ def _split_progress(progress, split: str, total: int | None) -> Callable[[int], 
     return step
 
 
-def _mask_saver(folder: Path) -> Callable[[str, int, torch.Tensor], None]:
-    folder.mkdir(parents=True, exist_ok=True)
+class _MaskSaver:
+    """``--save-masks``: ``{key}_{sent_id}.png``, each prediction as it was scored, and
+    ``gt/{key}.png``, the ground truth it was scored against (both 0/255 at the scoring resolution:
+    the image's own size, or S×S under ``resolution="input"``), so the figures can be recomputed
+    from the saved files alone under the protocol the JSON report states."""
 
-    def save(key: str, sent_id: int, mask: torch.Tensor) -> None:
-        save_mask(mask.numpy(), confined(folder, f"{key}_{sent_id}.png", f"sample {key}"))  # keys come from the shards
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.targets = folder, folder / "gt"
+        self.targets.mkdir(parents=True, exist_ok=True)
+        self.last_target: str | None = None
 
-    return save
+    def mask(self, key: str, sent_id: int, mask: torch.Tensor) -> None:
+        save_mask(mask.numpy(), confined(self.folder, f"{key}_{sent_id}.png", f"sample {key}"))  # keys come from the shards
+
+    def target(self, key: str, target: torch.Tensor) -> None:
+        if key != self.last_target:  # one file per ref, written by the one reader that holds the ref
+            save_mask(target.numpy(), confined(self.targets, f"{key}.png", f"sample {key}"))
+            self.last_target = key
 
 
 def evaluate_run(
@@ -181,9 +217,11 @@ def evaluate_run(
     splits: str | Iterable[str],
     *,
     tokenizer: str | Path | None = None,
-    resolution: str = "original",
+    protocol: Protocol | str = "default",
+    resolution: str | None = None,
     threshold: float | None = None,
-    inclusive: bool = False,
+    inclusive: bool | None = None,
+    empty_iou: float | None = None,
     save_masks: str | Path | None = None,
     device: str | None = None,
     batch_size: int | None = None,
@@ -195,15 +233,19 @@ def evaluate_run(
         {"checkpoint": str, "protocol": {...}, "splits": {split: {"oIoU", "mIoU", "P@0.5", "P@0.7",
          "P@0.9", "n", "by_size": [{"lo", "hi", "n", "mIoU", "oIoU"}, ...]}}}
 
-    IoUs are fractions in [0, 1]. ``threshold=None`` uses the recipe's τ; the defaults are the
-    protocol of training's validation. ``save_masks`` writes ``DIR/{split}/{key}_{sent_id}.png``
-    (0/255, original size). Started by torchrun (``sris eval --gpus N`` / ``--nproc N``), each
+    IoUs are fractions in [0, 1]. ``protocol`` is a preset name or a :class:`Protocol` (default:
+    the protocol of training's validation); ``resolution``, ``threshold``, ``inclusive`` and
+    ``empty_iou``, when given, override that one choice. A threshold of None is the recipe's τ. ``save_masks`` writes
+    ``DIR/{split}/{key}_{sent_id}.png`` (the scored predictions) and ``DIR/{split}/gt/{key}.png``
+    (the ground truth they were scored against), 0/255 at the scoring resolution. Started by torchrun (``sris eval --gpus N`` / ``--nproc N``), each
     process joins the group, scores its share and every rank returns the whole split's figures,
     equal to the single-process ones to the last digit. ``progress(split, done, total)`` is called
     per batch with the expressions scored so far (``total`` is None when unknown).
     """
     split_names = parse_splits(splits)
-    protocol = Protocol(resolution, threshold, inclusive)
+    given = {"resolution": resolution, "threshold": threshold, "inclusive": inclusive, "empty_iou": empty_iou}
+    base = resolve_protocol(protocol) if isinstance(protocol, str) else protocol
+    protocol = replace(base, **{k: v for k, v in given.items() if v is not None})
     check_device(device)
     location = data_location(data_dir)
     joined_here = not (dist.is_available() and dist.is_initialized())
@@ -221,14 +263,14 @@ def evaluate_run(
         }  # fmt: skip
         results = {}
         for split, loader in loaders.items():
-            on_mask = _mask_saver(Path(save_masks) / split) if save_masks is not None else None
+            saver = _MaskSaver(Path(save_masks) / split) if save_masks is not None else None
             progress_of_split = _split_progress(progress, split, loader.sentences if env.world_size == 1 else None)
             acc = evaluate_model(
                 model, loader, threshold=protocol.threshold, resolution=protocol.resolution, device=env.device,
-                amp=recipe.train.amp, progress=progress_of_split, on_mask=on_mask,
+                amp=recipe.train.amp, progress=progress_of_split, on_mask=saver and saver.mask, on_target=saver and saver.target,
             )  # fmt: skip
             _check_count(acc, loader.sentences, location, split)
-            results[split] = acc.summary(inclusive=protocol.inclusive)
+            results[split] = acc.summary(inclusive=protocol.inclusive, empty_iou=protocol.empty_iou)
     finally:
         if joined_here:
             teardown(env)

@@ -2,7 +2,8 @@
 
 oIoU = Σ intersection / Σ union over all expressions; mIoU = mean per-expression IoU;
 P@X = share of expressions with IoU > X (or ≥ X with ``inclusive=True``, LAVT's convention).
-An expression whose prediction and target are both empty (union 0) counts as IoU 1.
+An expression whose prediction and target are both empty (union 0) counts as IoU ``empty_iou``:
+1 by default (a correct "nothing there"), 0 under LAVT's protocol (its ``test.py`` sets IoU 0 when U = 0).
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ def intersection_union(pred: torch.Tensor, target: torch.Tensor) -> tuple[int, i
     return int((pred & target).sum()), int((pred | target).sum())
 
 
-def sample_ious(intersections: np.ndarray, unions: np.ndarray) -> np.ndarray:
-    """Per-expression IoU (float64); 1.0 where the union is empty."""
+def sample_ious(intersections: np.ndarray, unions: np.ndarray, empty_iou: float = 1.0) -> np.ndarray:
+    """Per-expression IoU (float64); ``empty_iou`` where the union is empty."""
     intersections = np.asarray(intersections, dtype=np.float64)
     unions = np.asarray(unions, dtype=np.float64)
-    return np.where(unions > 0, intersections / np.maximum(unions, 1), 1.0)
+    return np.where(unions > 0, intersections / np.maximum(unions, 1), float(empty_iou))
 
 
 def summarize(
@@ -37,17 +38,19 @@ def summarize(
     unions: np.ndarray,
     thresholds: tuple[float, ...] = PRECISION_THRESHOLDS,
     inclusive: bool = False,
+    empty_iou: float = 1.0,
 ) -> dict[str, float | int]:
-    """{"oIoU", "mIoU", "P@0.5", "P@0.7", "P@0.9", "n"}, IoUs as fractions in [0, 1]."""
+    """{"oIoU", "mIoU", "P@0.5", "P@0.7", "P@0.9", "n"}, IoUs as fractions in [0, 1]; an empty union
+    counts ``empty_iou`` (oIoU too, when every union of the set is empty)."""
     intersections = np.asarray(intersections, dtype=np.int64)
     unions = np.asarray(unions, dtype=np.int64)
     n = int(intersections.size)
     if n == 0:
         return {"oIoU": 0.0, "mIoU": 0.0, **{f"P@{t}": 0.0 for t in thresholds}, "n": 0}
-    ious = sample_ious(intersections, unions)
+    ious = sample_ious(intersections, unions, empty_iou)
     total_union = int(unions.sum())
     out: dict[str, float | int] = {
-        "oIoU": float(intersections.sum() / total_union) if total_union else 1.0,
+        "oIoU": float(intersections.sum() / total_union) if total_union else float(empty_iou),
         "mIoU": float(ious.mean()),
     }
     for t in thresholds:
@@ -63,6 +66,7 @@ def iou_by_size(
     target_areas: np.ndarray,
     image_areas: np.ndarray,
     bins: tuple[float, ...] = SIZE_BINS,
+    empty_iou: float = 1.0,
 ) -> list[dict[str, float | int]]:
     """mIoU and oIoU per bin of target area / image area (Fig. 6). Bins are [lo, hi), the last closed."""
     ratio = np.asarray(target_areas, dtype=np.float64) / np.maximum(np.asarray(image_areas, dtype=np.float64), 1)
@@ -72,7 +76,7 @@ def iou_by_size(
     for i, (lo, hi) in enumerate(zip(bins[:-1], bins[1:])):
         last = i == len(bins) - 2
         sel = (ratio >= lo) & ((ratio <= hi) if last else (ratio < hi))
-        stats = summarize(intersections[sel], unions[sel])
+        stats = summarize(intersections[sel], unions[sel], empty_iou=empty_iou)
         rows.append({"lo": lo, "hi": hi, "n": stats["n"], "mIoU": stats["mIoU"], "oIoU": stats["oIoU"]})
     return rows
 
@@ -112,9 +116,10 @@ class MetricAccumulator:
             acc.image_areas.append(image_area)
         return acc
 
-    def summary(self, thresholds: tuple[float, ...] = PRECISION_THRESHOLDS, inclusive: bool = False) -> dict:
-        out = summarize(np.array(self.intersections), np.array(self.unions), thresholds, inclusive)
+    def summary(self, thresholds: tuple[float, ...] = PRECISION_THRESHOLDS, inclusive: bool = False, empty_iou: float = 1.0) -> dict:
+        out = summarize(np.array(self.intersections), np.array(self.unions), thresholds, inclusive, empty_iou)
         out["by_size"] = iou_by_size(
-            np.array(self.intersections), np.array(self.unions), np.array(self.target_areas), np.array(self.image_areas)
+            np.array(self.intersections), np.array(self.unions), np.array(self.target_areas), np.array(self.image_areas),
+            empty_iou=empty_iou,
         )
         return out

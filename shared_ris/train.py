@@ -22,6 +22,7 @@ import torch
 from .checkpoint import load_checkpoint, load_tokenizer
 from .config import Recipe
 from .data import build_eval_loader, build_train_loader, read_manifest
+from .data.loader import trainable_samples
 from .data.location import DataLocation, data_location
 from .data.manifest import split_info
 from .data.streams import batched
@@ -110,11 +111,11 @@ def preflight(
     location = data_location(data_dir)
     manifest = read_manifest(location)
     split_info(manifest, recipe.data.val_split, location)
-    samples = split_info(manifest, recipe.data.train_split, location)["samples"]
+    samples = trainable_samples(split_info(manifest, recipe.data.train_split, location), recipe.data.text_field, location)
     cfg = recipe.train
     if samples < cfg.batch_size * world_size * cfg.accumulate_steps:
         raise TrainError(
-            f"the '{recipe.data.train_split}' split has {samples} samples, fewer than one optimizer step of "
+            f"the '{recipe.data.train_split}' split has {samples} samples to learn from, fewer than one optimizer step of "
             f"train.batch_size={cfg.batch_size} × {world_size} process(es) × train.accumulate_steps={cfg.accumulate_steps}; "
             "lower train.batch_size or train.accumulate_steps"
         )

@@ -3,7 +3,8 @@
 - ``refs(*).p``: protocol-2 pickles written with Python 2's opcodes (byte strings as BINSTRING,
   text as BINUNICODE), keys and most strings as bytes, one non-ASCII sentence in each encoding.
 - ``instances.json``: COCO format with single polygons, two overlapping polygons in one annotation,
-  uncompressed RLE (counts list), compressed RLE (counts string), and an empty segmentation.
+  uncompressed RLE (counts list), compressed RLE (counts string), an RLE of an empty mask, and an
+  empty segmentation.
 - images: JPEGs named ``COCO_train2014_%012d.jpg``, one PNG, one missing file, one corrupt file.
 - splits: unc (train/val/testA/testB), umd (train/val/test), google (train/val).
 
@@ -32,11 +33,12 @@ IMAGES = {
 ANNS = {
     101: (1, 1, "polygon"), 102: (1, 2, "overlapping"), 103: (2, 1, "rle"), 104: (3, 3, "crle"),
     105: (4, 2, "polygon"), 106: (5, 1, "polygon"), 107: (6, 1, "polygon"), 108: (7, 1, "none"),
-    109: (8, 3, "rle"), 110: (2, 2, "polygon"), 111: (9, 1, "polygon"),
+    109: (8, 3, "rle"), 110: (2, 2, "polygon"), 111: (9, 1, "polygon"), 112: (4, 2, "empty"), 113: (4, 1, "overlapping"),
 }
 NON_ASCII_UTF8 = "café au lait, naïve — 日本の犬"
 NON_ASCII_UNICODE = "der große Bär über dem Fluß"
-# (dataset, split_by) -> [(ref_id, ann_id, split, [sent, ...])]; "" is an empty sentence
+# (dataset, split_by) -> [(ref_id, ann_id, split, [sentence, ...])]; a sentence is one text for both
+# `raw` and `sent`, or a (raw, sent) pair; "" is an empty text (the refer API has them: LAVT scores them)
 REFS = {
     ("refcoco", "unc"): [
         (1, 101, "train", ["the left cup", "cup on the left"]),
@@ -52,6 +54,8 @@ REFS = {
         (9, 106, "testA", ["png picture"]),
         (10, 109, "testB", ["tall image"]),
         (11, 109, "testB", ["", ""]),
+        (14, 112, "testB", [("?", ""), "nothing to see here"]),  # an empty mask; a raw text whose sent is empty
+        (15, 113, "testB", [("?!", "")]),  # punctuation only: the refer API's sent is empty, raw is not
     ],
     ("refcoco+", "unc"): [
         (1, 105, "train", ["plus, on refcoco's val image"]),
@@ -94,6 +98,11 @@ class Py2Pickler(pickle._Pickler):
     dispatch[bytes] = save_py2_str
 
 
+def texts(sentence: str | tuple[str, str]) -> tuple[str, str]:
+    """A REFS sentence → (raw, sent)."""
+    return sentence if isinstance(sentence, tuple) else (sentence, sentence)
+
+
 def py2_dumps(obj) -> bytes:
     buffer = io.BytesIO()
     Py2Pickler(buffer, protocol=2).dump(obj)
@@ -103,11 +112,12 @@ def py2_dumps(obj) -> bytes:
 def _py2_ref(dataset: str, ref_id: int, ann_id: int, split: str, sentences: list[str]) -> dict:
     image_id, category, _ = ANNS[ann_id]
     sents = []
-    for k, text in enumerate(sentences):
+    for k, sentence in enumerate(sentences):
         sent_id = ref_id * 100 + k
+        raw, sent = texts(sentence)
         # py2 refs mix str (bytes) and unicode: the Unicode-only sentence stays text, the rest are bytes
-        value = text if text == NON_ASCII_UNICODE else text.encode("utf-8")
-        sents.append({b"tokens": [w.encode("utf-8") for w in text.split()], b"raw": value, b"sent": value, b"sent_id": sent_id})
+        py2 = lambda text: text if text == NON_ASCII_UNICODE else text.encode("utf-8")  # noqa: E731
+        sents.append({b"tokens": [w.encode("utf-8") for w in sent.split()], b"raw": py2(raw), b"sent": py2(sent), b"sent_id": sent_id})
     return {
         b"ref_id": ref_id, b"ann_id": ann_id, b"image_id": image_id, b"split": split.encode(),
         b"sentences": sents, b"category_id": category, b"sent_ids": [s[b"sent_id"] for s in sents],
@@ -153,6 +163,8 @@ def segmentation(ann_id: int):
     if kind == "crle":
         rle = mask_utils.encode(np.asfortranarray(_blob(width, height, ann_id)))
         return {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
+    if kind == "empty":  # a mask without a single pixel
+        return _uncompressed_rle(np.zeros((height, width), np.uint8))
     return []
 
 
@@ -198,15 +210,35 @@ class ReferFixture:
         image_id, _, kind = ANNS[ann_id]
         return kind != "none" and IMAGES[image_id][2] in ("jpg", "png")
 
+    @staticmethod
+    def empty_mask(ann_id: int) -> bool:
+        return ANNS[ann_id][2] == "empty"
+
     def expected(self, dataset: str, split_by: str, split: str, exclude_images: set[int] = frozenset()) -> dict:
-        """samples, sentences, images of a split as the spec says they must come out."""
+        """samples, sentences, images of a split as the spec says they must come out: every ref that
+        can be written (image readable, segmentation present) with every one of its sentences."""
         kept = [
-            (ref_id, ann_id, [s for s in sents if s.strip()])
+            (ref_id, ann_id, sents)
             for ref_id, ann_id, _, sents in self.refs(dataset, split_by, split)
-            if ANNS[ann_id][0] not in exclude_images
+            if ANNS[ann_id][0] not in exclude_images and self.usable(ann_id)
         ]
-        kept = [(r, a, s) for r, a, s in kept if self.usable(a) and s]
         return {"samples": len(kept), "sentences": sum(len(s) for _, _, s in kept), "images": len({ANNS[a][0] for _, a, _ in kept})}
+
+    def expected_flags(self, dataset: str, split_by: str, split: str) -> dict:
+        """The manifest's flag counts of a split: empty masks, empty texts per field, trainable refs per field."""
+        kept = [(ann_id, sents) for _, ann_id, _, sents in self.refs(dataset, split_by, split) if self.usable(ann_id)]
+        flags = {"empty_mask_samples": sum(self.empty_mask(a) for a, _ in kept), "empty_text_sentences": {}, "trainable_samples": {}}
+        for index, field in enumerate(("raw", "sent")):
+            filled = [[t for t in (texts(s)[index] for s in sents) if t.strip()] for _, sents in kept]
+            flags["empty_text_sentences"][field] = sum(len(sents) - len(f) for (_, sents), f in zip(kept, filled))
+            flags["trainable_samples"][field] = sum(bool(f) and not self.empty_mask(a) for (a, _), f in zip(kept, filled))
+        return flags
+
+    @staticmethod
+    def refer_api_counts(dataset: str, split_by: str, split: str) -> tuple[int, int]:
+        """(refs, sentences) of a split as the refer API lists them: every sentence of every ref."""
+        refs = ReferFixture.refs(dataset, split_by, split)
+        return len(refs), sum(len(sents) for _, _, _, sents in refs)
 
     @staticmethod
     def held_out_images() -> set[int]:

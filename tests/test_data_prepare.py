@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from refer_fixture import ANNS, IMAGES, NON_ASCII_UNICODE, NON_ASCII_UTF8, build_refer_fixture, py2_dumps
+from refer_fixture import ANNS, IMAGES, NON_ASCII_UNICODE, NON_ASCII_UTF8, REFS, SKIP_REASONS, build_refer_fixture, py2_dumps
+from refer_fixture import texts as raw_and_sent
 from shared_ris.data import DataError, UnsafePickleError, load_pickle, prepare_refer, read_manifest
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools on numpy 2
@@ -167,24 +168,27 @@ def test_image_bytes_are_the_original_files(fixture, refcoco):
 def test_json_fields_and_non_ascii_text(refcoco):
     out, manifest = refcoco
     metas = [json.loads(s["json"]) for split in manifest["splits"] for s in read_split(out, manifest, split)]
+    fixture_texts = {ref_id: [raw_and_sent(s) for s in sents] for ref_id, _, _, sents in REFS[("refcoco", "unc")]}
     for meta in metas:
-        assert set(meta) == {"ref_id", "ann_id", "image_id", "category_id", "bbox", "split", "dataset", "width", "height", "sentences"}
+        assert set(meta) == {"ref_id", "ann_id", "image_id", "category_id", "bbox", "split", "dataset", "width", "height", "empty_mask", "sentences"}
         assert meta["dataset"] == "refcoco" and (meta["width"], meta["height"]) == IMAGES[meta["image_id"]][:2]
-        assert all(set(s) == {"sent_id", "sent", "raw"} and s["sent"].strip() for s in meta["sentences"])
+        assert all(set(s) == {"sent_id", "sent", "raw"} for s in meta["sentences"])
+        # every sentence kept, its text as the refs file has it (an empty one included)
+        assert [(s["raw"], s["sent"]) for s in meta["sentences"]] == fixture_texts[meta["ref_id"]]
+        assert meta["empty_mask"] is (ANNS[meta["ann_id"]][2] == "empty")
     texts = {s["sent"] for m in metas for s in m["sentences"]} | {s["raw"] for m in metas for s in m["sentences"]}
     assert NON_ASCII_UTF8 in texts and NON_ASCII_UNICODE in texts
     keys = [s["__key__"] for split in manifest["splits"] for s in read_split(out, manifest, split)]
     assert len(keys) == len(set(keys)) and all("." not in k for k in keys)
 
 
-def test_skips_are_counted_with_reasons(refcoco):
+def test_skips_are_counted_with_reasons(fixture, refcoco):
     _, manifest = refcoco
-    reasons = Counter((s["ref_id"], s["reason"].split(" (")[0]) for s in manifest["skipped"])
-    assert reasons == Counter({
-        (5, "annotation without segmentation"): 1, (6, "image missing"): 1, (12, "image unreadable"): 1,
-        (3, "empty sentence"): 1, (8, "empty sentence"): 1, (11, "empty sentence"): 2, (11, "no non-empty sentence"): 1,
-    })
-    assert manifest["skipped_counts"] == {"empty sentence": 4, "annotation without segmentation": 1, "image missing": 1, "image unreadable": 1, "no non-empty sentence": 1}
+    # only refs that cannot be written are skipped; empty texts and empty masks are kept (flagged)
+    reason = lambda ann: SKIP_REASONS.get(ANNS[ann][2]) or SKIP_REASONS[IMAGES[ANNS[ann][0]][2]]  # noqa: E731
+    expected = Counter((ref_id, reason(ann)) for ref_id, ann, _, _ in REFS[("refcoco", "unc")] if not fixture.usable(ann))
+    assert Counter((s["ref_id"], s["reason"].split(" (")[0]) for s in manifest["skipped"]) == expected
+    assert manifest["skipped_counts"] == Counter(r for _, r in expected.elements())
 
 
 def test_strict_turns_a_skip_into_a_failure(fixture, tmp_path):

@@ -43,8 +43,8 @@ def single(run, data_dir):
 def test_report_layout_and_ranges(single, run, data_dir):
     assert single["checkpoint"] == str(run)
     assert single["protocol"] == {
-        "resolution": "original", "threshold": 0.35, "inclusive": False, "image_size": 128,
-        "description": "protocol: masks at original size, σ>0.35, P@X: IoU > X, per expression",
+        "resolution": "original", "threshold": 0.35, "inclusive": False, "empty_iou": 1.0, "image_size": 128,
+        "description": "protocol: masks at original size, σ>0.35, P@X: IoU > X, both empty: IoU 1, per expression",
     }  # fmt: skip
     assert list(single["splits"]) == ["val", "test"]
     val = single["splits"]["val"]
@@ -62,16 +62,23 @@ def test_batch_size_and_workers_do_not_change_the_figures(single, run, data_dir)
 
 def test_lavt_protocol_scores_at_the_input_size(run, data_dir):
     lavt = resolve_protocol("lavt")
-    report = evaluate_run(run, data_dir, "val", resolution=lavt.resolution, threshold=lavt.threshold, inclusive=lavt.inclusive, num_workers=0)
-    assert report["protocol"]["description"] == "protocol: masks at 128×128 input size (ground truth resized, nearest), σ>0.5, P@X: IoU ≥ X, per expression"
+    report = evaluate_run(run, data_dir, "val", resolution=lavt.resolution, threshold=lavt.threshold, inclusive=lavt.inclusive,
+                          empty_iou=lavt.empty_iou, num_workers=0)  # fmt: skip
+    assert evaluate_run(run, data_dir, "val", protocol="lavt", num_workers=0) == report
+    assert report["protocol"]["description"] == (
+        "protocol: masks at 128×128 input size (ground truth resized, PIL nearest), σ>0.5, P@X: IoU ≥ X, both empty: IoU 0, per expression"
+    )
     assert report["splits"]["val"]["n"] == sentences(data_dir, "val")
 
 
 def test_protocol_presets_and_overrides():
-    assert PROTOCOLS["default"] == Protocol("original", None, False)
-    assert PROTOCOLS["lavt"] == Protocol("input", 0.5, True)
-    assert resolve_protocol("lavt", resolution="original") == Protocol("original", 0.5, True)
-    assert resolve_protocol("default", threshold=0.4, inclusive=True) == Protocol("original", 0.4, True)
+    assert PROTOCOLS["default"] == Protocol("original", None, False, 1.0)
+    assert PROTOCOLS["lavt"] == Protocol("input", 0.5, True, 0.0)
+    assert resolve_protocol("lavt", resolution="original") == Protocol("original", 0.5, True, 0.0)
+    assert resolve_protocol("default", threshold=0.4, inclusive=True) == Protocol("original", 0.4, True, 1.0)
+    assert resolve_protocol("lavt", empty_iou=1) == Protocol("input", 0.5, True, 1.0)
+    with pytest.raises(SharedRISError, match="must be 1 or 0"):
+        Protocol(empty_iou=0.5)
     with pytest.raises(SharedRISError, match="unknown protocol"):
         resolve_protocol("cris")
     with pytest.raises(SharedRISError, match="threshold"):
@@ -128,7 +135,7 @@ def test_cli_prints_tables_with_the_protocol_and_writes_json_and_plot(tmp_path, 
     result = runner.invoke(app, ["eval", "-c", str(run), "-d", str(data_dir), "-s", "val,test", "--json", str(out),
                                  "--plot", str(plot), "--workers", "0", "--batch-size", "4"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert result.output.count("protocol: masks at original size, σ>0.35, P@X: IoU > X, per expression") == 4
+    assert result.output.count("protocol: masks at original size, σ>0.35, P@X: IoU > X, both empty: IoU 1, per expression") == 4
     assert f"{100 * single['splits']['val']['oIoU']:.2f}" in result.output
     assert json.loads(out.read_text()) == single
     assert Image.open(plot).size == (900, 520)

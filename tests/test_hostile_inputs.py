@@ -26,6 +26,7 @@ from hostile_fixtures import (
     bomb_png, json_member, make_data, manifest, png, read_members, record_shard, replace_member,
     rewrite_samples, shard_path, snapshot, write_manifest, write_tar,
 )  # fmt: skip
+from parquet_fixture import hub_rows, write_rows
 from refer_fixture import build_refer_fixture, instances_document, py2_dumps, py2_refs, write_refer_root
 from shared_ris.run_folder import lock_folder
 
@@ -169,6 +170,25 @@ def refer_files(alter_refs=None, alter_instances=None, refs_bytes: Callable[[Pat
     return setup
 
 
+def parquet_route(root: Path, *extra: str) -> list[str]:
+    return ["prepare", "refcoco", "--parquet", str(root / "hub"), "--images", str(root / "train2014"), "--out", str(root / "out"),
+            "--workers", "1", *extra]  # fmt: skip
+
+
+HUB_FILE = "train-00000-of-00001.parquet"
+
+
+def hub_file(change) -> Callable[[Path], None]:
+    """A Hugging Face parquet copy (one file) with its rows altered by ``change(rows)``."""
+
+    def setup(root: Path) -> None:
+        rows = hub_rows("refcoco", "unc")
+        change(rows)
+        write_rows(root / "hub" / "data" / HUB_FILE, rows)
+
+    return setup
+
+
 def call_pickle(fn, *args) -> bytes:
     class Call:
         def __reduce__(self):
@@ -249,6 +269,11 @@ CASES = [
          refer_files(alter_instances=lambda d: d["images"][0].pop("width"))),
     Case("prepare: file_name climbs out of --images", lambda r: refer(r), lambda r: "instances.json",
          refer_files(alter_instances=lambda d: d["images"][0].update(file_name="../victim.jpg"))),
+    Case("prepare --parquet: raw_anns is not JSON", lambda r: parquet_route(r), lambda r: HUB_FILE,
+         hub_file(lambda rows: rows[0].update(raw_anns="{oops"))),
+    Case("prepare --parquet: image file_name climbs out of --images", lambda r: parquet_route(r), lambda r: HUB_FILE,
+         hub_file(lambda rows: rows[0].update(raw_image_info=json.dumps({"id": rows[0]["image_id"], "width": 64, "height": 48, "file_name": "../victim.jpg"})))),
+    Case("prepare --parquet: not a parquet file", lambda r: parquet_route(r), lambda r: "x.parquet", write_file("hub/x.parquet", "PAR1 not really")),
     # -- checkpoints, tokenizers, recipes ------------------------------------------------------------
     Case("eval: checkpoint pickles os.system", lambda r: evaluate(r)[:2] + [str(r / "evil.pt")] + evaluate(r)[3:], lambda r: "evil.pt",
          evil_pickle_checkpoint),

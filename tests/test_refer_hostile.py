@@ -186,6 +186,8 @@ BAD_REFS = {
     "sent-an-int": (_set_sentence(b"sent", 5), ["ref 1 sentence 0", "'sent' must be a string, got 5"]),
     "raw-a-list": (_set_sentence(b"raw", [b"a"]), ["ref 1 sentence 0", "'raw' must be a string"]),
     "sent_id-a-string": (_set_sentence(b"sent_id", b"x"), ["ref 1 sentence 0", "'sent_id' must be a non-negative integer"]),
+    # it names the expression in eval's records and saved masks (the shard readers refuse a sentence without one)
+    "sent_id-missing": (lambda refs: [refs[0][b"sentences"][0].pop(b"sent_id"), refs][1], ["ref 1 sentence 0", "'sent_id' must be a non-negative integer, got nothing"]),
     "ref-lacks-split": (lambda refs: [{k: v for k, v in r.items() if k != b"split"} for r in refs], ["ref 1", "lacks split"]),
     "a-dict-not-a-list": (lambda refs: {r[b"ref_id"]: r for r in refs}, ["expected a pickled list of ref dicts", "got a dict"]),
     "a-list-of-strings": (lambda refs: [b"ref"] * len(refs), ["refs[0] is a str, not a ref dict"]),
@@ -300,7 +302,7 @@ def test_an_image_whose_header_disagrees_is_skipped_without_decoding(images_dir,
     (images / "COCO_train2014_000000000001.jpg").write_bytes(buffer.getvalue()[:200])
     manifest = prepare_refer("refcoco", write_refer_root(tmp_path / "refer"), images, tmp_path / "out", splits="train", workers=1)
     reasons = {s["reason"] for s in manifest["skipped"] if s["ref_id"] in (1, 2)}  # refs 1 and 2 are on image 1
-    assert reasons == {"image is 4000x4000 but instances.json says 64x48"}
+    assert reasons == {"image is 4000x4000 but its COCO image entry says 64x48"}  # worded alike for the parquet route
 
 
 def test_an_image_file_named_json_becomes_the_image_member_not_the_json(images_dir, tmp_path):

@@ -1,14 +1,18 @@
 """Streaming loaders over prepared shards: training batches and evaluation batches.
 
 Training stream, for reader g = rank·W + v of G = world_size·W (W = worker count, at least 1):
-shard units in a (seed, epoch)-fixed order dealt round-robin → shuffle buffer seeded by (seed,
-epoch, g, G) → one sentence per ref from a seeded generator → batches → decode, resize, tokenise.
+shard units in a (seed, epoch)-fixed order dealt round-robin → the refs training can learn from
+(flagged ones dropped from their JSON alone: an empty mask, no non-empty text) → shuffle buffer
+seeded by (seed, epoch, g, G) → one of their non-empty sentences from a seeded generator → batches
+→ decode, resize, tokenise. An epoch is the manifest's ``trainable_samples`` // (batch × ranks) steps.
 Batch i of the epoch is batch i // W of virtual worker i % W, which is what PyTorch's DataLoader
 hands out in turn; so the stream is a pure function of (seed, epoch, rank, world_size, W),
 ``start_step=k`` lets each worker skip its share of the first k batches before decoding anything,
 and each worker stops after its share of the epoch (no batch is decoded in vain).
 
-Evaluation: each reader takes its units once (see :mod:`.streams`) and yields every sentence.
+Evaluation: each reader takes its units once (see :mod:`.streams`) and yields every sentence,
+an empty text (tokenised ``<s></s>``, as LAVT's tokenizer turns it into ``[CLS][SEP]``) or an empty
+mask included: the papers' figures are over every expression of the refer API.
 
 Shards are data: each is verified against the manifest as it is read and every sample is checked
 (:mod:`.shard_reader`, :mod:`.sample`). A problem found in a loader worker travels to the main
@@ -28,8 +32,8 @@ import torch
 import webdataset as wds
 
 from ..config import Recipe
-from ..tokenizer import Tokenizer
-from .errors import DataError
+from ..tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from .errors import DataError, short_repr
 from .location import DataLocation, data_location
 from .manifest import read_manifest, split_info, split_shards
 from .sample import Sample, parse_sample
@@ -95,8 +99,9 @@ class _TrainStream(torch.utils.data.IterableDataset):
         name = f"{s.seed}:{self.epoch}:{reader}:{readers}"
         units = train_units(s.shards, reader, readers, s.seed, self.epoch)
         samples = _samples(units, s.text_field, max_empty=10 * len(make_units(s.shards, readers)) + 10)
+        samples = _trainable(samples, s.text_field, patience=FLAGGED_PASSES * sum(shard.samples for shard in s.shards))
         samples = wds.shuffle(s.shuffle_buffer, s.shuffle_buffer, rng=random.Random(f"buffer:{name}"))(samples)
-        chosen = _pick_sentences(samples, random.Random(f"sentences:{name}"), s.text_field)
+        chosen = _pick_sentences(samples, random.Random(f"sentences:{name}"))
         for batch in itertools.islice(batched(chosen, s.batch_size), skip, skip + count):
             yield self._collate(batch)
 
@@ -127,10 +132,35 @@ def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return empty.new(empty._typed_storage()._new_shared(math.prod(shape))).resize_(*shape)
 
 
-def _pick_sentences(samples: Iterator[Sample], rng: random.Random, field: str) -> Iterator[tuple[Sample, str]]:
-    """(sample, one sentence's text); one draw per sample, so skipping keeps the sequence."""
+# A reader sees about 1/readers of the split per pass over it, and the passes' orders are random:
+# FLAGGED_PASSES × the split's samples in a row without one to learn from is then ~20·readers of
+# its passes, a run that has odds below e^-20 while any unit of the split holds a learnable sample.
+FLAGGED_PASSES = 20
+
+
+def _trainable(samples: Iterator[Sample], field: str, patience: int) -> Iterator[tuple[Sample, list[str]]]:
+    """(sample, its non-empty texts) of the samples training can learn from, judged from the JSON
+    alone so that resuming skips them without decoding an image. Flagged samples for ``patience``
+    in a row mean a split with nothing to learn from (whatever its manifest claims): an error, not a hang."""
+    flagged_run = 0
     for sample in samples:
-        yield sample, sample.sentences[rng.randrange(len(sample.sentences))][field]
+        texts = sample.trainable_texts(field)
+        if texts:
+            flagged_run = 0
+            yield sample, texts
+            continue
+        flagged_run += 1
+        if flagged_run > patience:
+            raise DataError(
+                f"{sample.where}: {flagged_run} samples in a row have an empty mask or no non-empty '{field}' text, "
+                "nothing to train on; check data.text_field or re-run sris prepare"
+            )
+
+
+def _pick_sentences(samples: Iterator[tuple[Sample, list[str]]], rng: random.Random) -> Iterator[tuple[Sample, str]]:
+    """(sample, one of its trainable texts); one draw per sample, so skipping keeps the sequence."""
+    for sample, texts in samples:
+        yield sample, texts[rng.randrange(len(texts))]
 
 
 class TrainLoader:
@@ -175,7 +205,7 @@ class _EvalStream(torch.utils.data.IterableDataset):
         reader, readers = s.rank * s.workers + (info.id if info else 0), s.world_size * s.workers
         items = self._sentences(_samples(eval_units(s.shards, reader, readers), s.text_field))
         for batch in batched(items, s.batch_size):
-            ids, padding = self.tokenizer([item["text"] for item in batch], pad_to=s.text_len)
+            ids, padding = encode_eval_texts(self.tokenizer, [item["text"] for item in batch], s.text_len)
             images = _batch_tensor((len(batch), 3, s.image_size, s.image_size), torch.float32)
             yield {
                 "images": torch.stack([item["image"] for item in batch], out=images),
@@ -194,6 +224,19 @@ class _EvalStream(torch.utils.data.IterableDataset):
             pixels = image_to_tensor(image, self.s.image_size)
             for sentence in sample.sentences:
                 yield {"image": pixels, "mask": mask, "key": sample.key, "sent_id": sentence["sent_id"], "text": sentence[self.s.text_field]}
+
+
+def encode_eval_texts(tokenizer: Tokenizer, texts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tokenizer(texts, pad_to=length)``, except that an empty text becomes ``<s></s>`` instead of
+    an error: evaluation scores every expression of the split, as LAVT does (its BERT tokenizer turns
+    an empty sentence into ``[CLS][SEP]``). Training never hands one over: it skips them."""
+    if all(text.strip() for text in texts):
+        return tokenizer(texts, pad_to=length)
+    ids = torch.full((len(texts), length), PAD_ID, dtype=torch.long)
+    for row, text in enumerate(texts):
+        encoded = (tokenizer.encode(text) if text.strip() else [BOS_ID, EOS_ID])[:length]
+        ids[row, : len(encoded)] = torch.tensor(encoded)
+    return ids, ids == PAD_ID
 
 
 class EvalLoader:
@@ -288,13 +331,15 @@ def build_train_loader(
     ``keys`` list[str]; S = ``model.image_size``, T = ``model.max_text_len``.
     """
     settings, info, workers = _settings(data_dir, recipe.data.train_split, recipe, tokenizer, rank, world_size, num_workers, batch_size, shards)
-    steps = info["samples"] // (settings.batch_size * world_size)
+    trainable = trainable_samples(info, settings.text_field, data_dir)
+    steps = trainable // (settings.batch_size * world_size)
     if steps == 0:
+        flagged = f" ({info['samples'] - trainable} of {info['samples']} flagged: empty mask or no '{settings.text_field}' text)" if trainable < info["samples"] else ""
         raise DataError(
-            f"{data_dir}: split '{recipe.data.train_split}' has {info['samples']} samples, fewer than one batch "
+            f"{data_dir}: split '{recipe.data.train_split}' has {trainable} samples to train on{flagged}, fewer than one batch "
             f"({settings.batch_size} x {world_size} ranks); lower train.batch_size"
         )
-    return TrainLoader(settings, tokenizer, steps, workers, epoch, start_step, info["samples"])
+    return TrainLoader(settings, tokenizer, steps, workers, epoch, start_step, trainable)
 
 
 def build_eval_loader(
@@ -320,6 +365,22 @@ def build_eval_loader(
 
 
 def train_steps_per_epoch(data_dir: str | Path, recipe: Recipe, world_size: int = 1, batch_size: int | None = None) -> int:
-    """Optimizer steps per epoch per rank, from the manifest alone (for schedules)."""
+    """Batches per epoch per rank, from the manifest alone (an optimizer step takes ``train.accumulate_steps`` of them)."""
     info = split_info(read_manifest(data_dir), recipe.data.train_split, data_dir)
-    return info["samples"] // ((batch_size or recipe.train.batch_size) * world_size)
+    return trainable_samples(info, recipe.data.text_field, data_dir) // ((batch_size or recipe.train.batch_size) * world_size)
+
+
+def trainable_samples(info: dict, text_field: str, where) -> int:
+    """The refs of a split training learns from (the manifest's ``trainable_samples[text_field]``):
+    an epoch covers each once. A folder prepared before the flags existed had dropped the flagged
+    refs already, so its sample count is that number."""
+    recorded = info.get("trainable_samples")
+    if recorded is None:
+        return info["samples"]
+    count = recorded.get(text_field) if isinstance(recorded, dict) else None
+    if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= info["samples"]:
+        raise DataError(
+            f"{where}: 'trainable_samples' must give a count of at most the split's {info['samples']} samples "
+            f"for '{text_field}', got {short_repr(recorded)}; re-run sris prepare with --overwrite"
+        )
+    return count

@@ -1,11 +1,15 @@
-"""``sris prepare refcoco|refcoco+|refcocog|refcoco-combined``: refer files → shards + manifest."""
+"""``sris prepare refcoco|refcoco+|refcocog|refcoco-combined``: refer files (or the Hugging Face
+parquet copies) → shards + manifest, and the standard per-split counts to check them against."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 from .errors import DataError
+from .parquet import SPLIT_BY as PARQUET_SPLIT_BY
+from .parquet import load_parquet
 from .refer import (
     DEFAULT_SPLIT_BY,
     check_images_dir,
@@ -24,6 +28,9 @@ COMBINED = "refcoco-combined"
 # evaluation protocols: RefCOCO/+ unc, RefCOCOg umd and google).
 COMBINED_TRAIN = (("refcoco", "unc"), ("refcoco+", "unc"), ("refcocog", "umd"))
 COMBINED_HELD_OUT = (("refcoco", "unc"), ("refcoco+", "unc"), ("refcocog", "umd"), ("refcocog", "google"))
+# 2: every ref and sentence kept, empty texts and empty masks flagged (before: dropped). In the
+# settings a resume must match, so a folder of the older format is never completed in the new one.
+SHARD_FORMAT = 2
 
 
 def _ordered(names: Iterable[str]) -> list[str]:
@@ -85,10 +92,57 @@ def prepare_refer(
     else:
         items, config, sources = refer_items(dataset, refer_root, images_dir, split_by, splits, limit)
         extra = None
+    return _write(dataset, out_dir, items, config, sources, shard_size, workers, strict, overwrite, progress, extra)
+
+
+def prepare_parquet(
+    dataset: str,
+    parquet_dir: str | Path,
+    images_dir: str | Path,
+    out_dir: str | Path,
+    split_by: str | None = None,
+    splits: Iterable[str] | str | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    workers: int | None = None,
+    limit: int | None = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict:
+    """:func:`prepare_refer` from the Hugging Face parquet copies (``jxu124/refcoco``,
+    ``jxu124/refcocoplus``, ``jxu124/refcocog``): every ``*.parquet`` under ``parquet_dir``.
+
+    The shards, and the manifest but for its ``sources`` entry (which names the files read), are
+    byte-for-byte those :func:`prepare_refer` writes from the same refs. The copies hold RefCOCO/+
+    unc and RefCOCOg umd; ``split_by`` may only say so. Split names become the refer API's
+    (``validation`` → ``val``; RefCOCO/+ ``test`` → ``testA``). Needs ``pip install 'shared-ris[parquet]'``.
+    """
+    if dataset not in PARQUET_SPLIT_BY:
+        raise DataError(f"--parquet reads {', '.join(PARQUET_SPLIT_BY)}; prepare {dataset} from --refer-root")
+    if split_by not in (None, PARQUET_SPLIT_BY[dataset]):
+        raise DataError(f"the parquet copies of {dataset} hold the {PARQUET_SPLIT_BY[dataset]} splits only; drop --split-by {split_by} or use --refer-root")
+    items, config, sources = parquet_items(dataset, parquet_dir, images_dir, splits, limit)
+    return _write(dataset, out_dir, items, config, sources, shard_size, workers, strict, overwrite, progress, None)
+
+
+def _write(dataset, out_dir, items, config, sources, shard_size, workers, strict, overwrite, progress, extra) -> dict:
+    config = {**config, "shard_size": shard_size, "shard_format": SHARD_FORMAT}
     return write_dataset(
-        dataset, out_dir, items, make_refer_sample, config={**config, "shard_size": shard_size}, sources=sources,
+        dataset, out_dir, items, make_refer_sample, config=config, sources=sources,
         shard_size=shard_size, workers=workers, strict=strict, overwrite=overwrite, progress=progress, extra=extra,
-    )
+    )  # fmt: skip
+
+
+def parquet_items(dataset: str, parquet_dir, images_dir, splits, limit: int | None) -> tuple[dict, dict, dict]:
+    """The parquet copy of one dataset → (items by split, config, sources), as :func:`refer_items`
+    builds them from the refer files: the same config, so that the manifests agree."""
+    images_root = check_images_dir(images_dir)
+    refs, images, anns, files, duplicates = load_parquet(parquet_dir, dataset)
+    chosen = _choose_splits(_ordered(r["split"] for r in refs), splits, f"{Path(parquet_dir)}")
+    items = _items_by_split(refs, dataset, images, anns, images_root, chosen, limit)
+    config = {"dataset": dataset, "split_by": PARQUET_SPLIT_BY[dataset], "splits": chosen, "limit": limit}
+    sources = {"parquet": [str(p.resolve()) for p in files], "images": str(images_root.resolve()), "duplicate_rows": duplicates}
+    return items, config, sources
 
 
 def refer_items(dataset: str, refer_root, images_dir, split_by: str | None, splits, limit: int | None) -> tuple[dict, dict, dict]:
@@ -160,3 +214,73 @@ def combined_items(refer_root, images_dir, splits, limit: int | None) -> tuple[d
         "images": str(images_root.resolve()),
     }
     return by_split, config, sources, {"excluded_images": len(excluded_images), "excluded_refs": excluded_refs}
+
+
+# -- the standard counts -------------------------------------------------------------------------------
+
+# (dataset, split_by, split) → (refs, sentences) as the refer API lists them: every sentence of
+# every ref of the split, the set the papers' oIoU / mIoU are computed over.
+STANDARD_COUNTS = {
+    ("refcoco", "unc", "train"): (42_404, 120_624),
+    ("refcoco", "unc", "val"): (3_811, 10_834),
+    ("refcoco", "unc", "testA"): (1_975, 5_657),
+    ("refcoco", "unc", "testB"): (1_810, 5_095),
+    ("refcoco+", "unc", "train"): (42_278, 120_191),
+    ("refcoco+", "unc", "val"): (3_805, 10_758),
+    ("refcoco+", "unc", "testA"): (1_975, 5_726),
+    ("refcoco+", "unc", "testB"): (1_798, 4_889),
+    ("refcocog", "umd", "train"): (42_226, 80_512),
+    ("refcocog", "umd", "val"): (2_573, 4_896),
+    ("refcocog", "umd", "test"): (5_023, 9_602),
+}
+
+
+@dataclass(frozen=True)
+class SplitCount:
+    """A prepared split's refs and sentences beside the standard ones (None: not a standard split)."""
+
+    split: str
+    refs: int
+    sentences: int
+    standard: tuple[int, int] | None
+
+    @property
+    def matches(self) -> bool:
+        return self.standard == (self.refs, self.sentences)
+
+    def describe(self) -> str:
+        """``val 3,811 refs / 10,834 sentences (standard)``, or what differs from the standard."""
+        line = f"{self.split} {_count(self.refs, 'ref')} / {_count(self.sentences, 'sentence')}"
+        if self.standard is None or self.matches:
+            return line + (" (standard)" if self.standard else "")
+        refs, sentences = self.standard
+        differences = [
+            f"{_count(abs(delta), noun)} {'more' if delta > 0 else 'fewer'}"
+            for delta, noun in ((self.refs - refs, "ref"), (self.sentences - sentences, "sentence")) if delta
+        ]  # fmt: skip
+        return (
+            f"{line}, not the standard {refs:,} / {sentences:,}: {' and '.join(differences)} "
+            "(an incomplete download, or refs skipped: see manifest.json)"
+        )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def standard_counts(manifest: dict) -> list[SplitCount]:
+    """Each prepared split's counts beside the standard ones of its (dataset, split_by, split):
+    RefCOCO/+ unc and RefCOCOg umd, also as the combined set's ``{dataset}-{split}`` splits. A
+    ``--limit``-ed preparation is compared with nothing (it is short on purpose)."""
+    config = manifest.get("config", {})
+    rows = []
+    for split, info in manifest["splits"].items():
+        key = None
+        if config.get("limit") is None:
+            if manifest["dataset"] == COMBINED:
+                dataset, _, name = split.rpartition("-")
+                key = (dataset, DEFAULT_SPLIT_BY.get(dataset), name) if dataset else None
+            else:
+                key = (manifest["dataset"], config.get("split_by"), split)
+        rows.append(SplitCount(split, info["samples"], info["sentences"], STANDARD_COUNTS.get(key)))
+    return rows

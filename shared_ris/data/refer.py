@@ -85,33 +85,35 @@ def _wrong(path: str | Path, where: str, field: str, expected: str, value: Any, 
     return DataError(f"{path}: {where}: '{field}' must be {expected}, got {got}; {hint}")
 
 
-def _check_sentence(path: str | Path, where: str, sentence: Any) -> None:
+def _check_sentence(path: str | Path, where: str, sentence: Any, hint: str = REFS_HINT) -> None:
     if not isinstance(sentence, dict):
-        raise DataError(f"{path}: {where} is {short_repr(sentence)}, not a sentence dict {{sent_id, sent, raw, tokens}}; {REFS_HINT}")
-    if "sent_id" in sentence and not _is_id(sentence["sent_id"]):
-        raise _wrong(path, where, "sent_id", "a non-negative integer", sentence["sent_id"], REFS_HINT)
-    for field in ("sent", "raw"):  # absent means empty: counted as an empty sentence later
+        raise DataError(f"{path}: {where} is {short_repr(sentence)}, not a sentence dict {{sent_id, sent, raw, tokens}}; {hint}")
+    # sent_id names the expression in eval's records and saved masks: every sentence needs its own
+    if not _is_id(sentence.get("sent_id")):
+        raise _wrong(path, where, "sent_id", "a non-negative integer", sentence.get("sent_id", _MISSING), hint)
+    for field in ("sent", "raw"):  # absent means empty: kept as an empty text, flagged for training
         if field in sentence and not isinstance(sentence[field], str):
-            raise _wrong(path, where, field, "a string", sentence[field], REFS_HINT)
+            raise _wrong(path, where, field, "a string", sentence[field], hint)
 
 
-def _check_ref(path: str | Path, index: int, ref: Any) -> None:
-    """Types of every field :func:`ref_item` reads; a one-line DataError naming the ref otherwise."""
+def check_ref(path: str | Path, where: str, ref: Any, hint: str = REFS_HINT) -> None:
+    """Types of every field :func:`ref_item` reads; a one-line DataError naming ``where`` otherwise."""
     if not isinstance(ref, dict):
-        raise DataError(f"{path}: refs[{index}] is a {type(ref).__name__}, not a ref dict; {REFS_HINT}")
-    where = f"ref {ref['ref_id']}" if _is_id(ref.get("ref_id")) else f"refs[{index}]"
+        raise DataError(f"{path}: {where} is a {type(ref).__name__}, not a ref dict; {hint}")
+    if _is_id(ref.get("ref_id")) and where.startswith("refs["):
+        where = f"ref {ref['ref_id']}"
     missing = [k for k in REF_KEYS if k not in ref]
     if missing:
-        raise DataError(f"{path}: {where} lacks {', '.join(missing)}; {REFS_HINT}")
+        raise DataError(f"{path}: {where} lacks {', '.join(missing)}; {hint}")
     for field in ("ref_id", "ann_id", "image_id") + (("category_id",) if "category_id" in ref else ()):
         if not _is_id(ref[field]):
-            raise _wrong(path, where, field, "a non-negative integer", ref[field], REFS_HINT)
+            raise _wrong(path, where, field, "a non-negative integer", ref[field], hint)
     if not isinstance(ref["split"], str) or not SPLIT_NAME.fullmatch(ref["split"]):
-        raise _wrong(path, where, "split", "a split name such as 'train' or 'testA' (letters, digits, '_', '-')", ref["split"], REFS_HINT)
+        raise _wrong(path, where, "split", "a split name such as 'train' or 'testA' (letters, digits, '_', '-')", ref["split"], hint)
     if not isinstance(ref["sentences"], list):
-        raise _wrong(path, where, "sentences", "a list of sentence dicts", ref["sentences"], REFS_HINT)
+        raise _wrong(path, where, "sentences", "a list of sentence dicts", ref["sentences"], hint)
     for k, sentence in enumerate(ref["sentences"]):
-        _check_sentence(path, f"{where} sentence {k}", sentence)
+        _check_sentence(path, f"{where} sentence {k}", sentence, hint)
 
 
 def load_refs(path: str | Path) -> list[dict]:
@@ -123,7 +125,7 @@ def load_refs(path: str | Path) -> list[dict]:
         raise DataError(f"{path}: expected a pickled list of ref dicts (refer API refs file), got {got}")
     first_index: dict[int, int] = {}
     for index, ref in enumerate(refs):
-        _check_ref(path, index, ref)
+        check_ref(path, f"refs[{index}]", ref)
         if ref["ref_id"] in first_index:
             raise DataError(
                 f"{path}: ref {ref['ref_id']}: ref_id appears twice (refs[{first_index[ref['ref_id']]}] and refs[{index}]) "
@@ -133,28 +135,28 @@ def load_refs(path: str | Path) -> list[dict]:
     return refs
 
 
-def _check_image_entry(path: str | Path, where: str, image: dict) -> None:
+def check_image_entry(path: str | Path, where: str, image: dict, hint: str = INSTANCES_HINT) -> None:
     for field in ("width", "height"):
         if not _is_id(image.get(field)) or image[field] == 0:
-            raise _wrong(path, where, field, "a positive integer", image.get(field, _MISSING), INSTANCES_HINT)
+            raise _wrong(path, where, field, "a positive integer", image.get(field, _MISSING), hint)
     name = image.get("file_name")
     if name is None:
         return  # the COCO_train2014_%012d.jpg pattern is used instead
     if not isinstance(name, str):
-        raise _wrong(path, where, "file_name", "a string", name, INSTANCES_HINT)
+        raise _wrong(path, where, "file_name", "a string", name, hint)
     # lexical only (unlike fileio.confined): train2014/ may legitimately be a folder of symbolic links
     candidate = PurePath(name)
     if candidate.is_absolute() or candidate.drive or ".." in candidate.parts or "\x00" in name:
-        raise _wrong(path, where, "file_name", "a name inside the --images folder", name, INSTANCES_HINT)
+        raise _wrong(path, where, "file_name", "a name inside the --images folder", name, hint)
 
 
-def _check_annotation(path: str | Path, where: str, ann: dict) -> None:
+def check_annotation(path: str | Path, where: str, ann: dict, hint: str = INSTANCES_HINT) -> None:
     for field in ("image_id",) + (("category_id",) if "category_id" in ann else ()):
         if not _is_id(ann.get(field)):
-            raise _wrong(path, where, field, "a non-negative integer", ann.get(field, _MISSING), INSTANCES_HINT)
+            raise _wrong(path, where, field, "a non-negative integer", ann.get(field, _MISSING), hint)
     bbox = ann.get("bbox")
     if bbox is not None and not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
-        raise _wrong(path, where, "bbox", "4 numbers (x, y, width, height)", bbox, INSTANCES_HINT)
+        raise _wrong(path, where, "bbox", "4 numbers (x, y, width, height)", bbox, hint)
 
 
 def _index_by_id(path: str | Path, coco: dict, section: str, check) -> dict[int, dict]:
@@ -188,14 +190,16 @@ def load_instances(path: str | Path) -> tuple[dict[int, dict], dict[int, dict]]:
         raise DataError(f"{path}: not a COCO instances file ({type(exc).__name__}: {detail}); re-download it") from None
     if not isinstance(coco, dict):
         raise DataError(f"{path}: expected a JSON object with 'images' and 'annotations', got {type(coco).__name__}; {INSTANCES_HINT}")
-    return _index_by_id(path, coco, "images", _check_image_entry), _index_by_id(path, coco, "annotations", _check_annotation)
+    return _index_by_id(path, coco, "images", check_image_entry), _index_by_id(path, coco, "annotations", check_annotation)
 
 
 def annotation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
     """COCO segmentation → (H, W) uint8 in {0, 1}, as the COCO API's ``annToMask`` computes it.
 
     Polygons are merged as a UNION (overlapping parts stay foreground); uncompressed RLE (counts
-    list) and compressed RLE (counts string) are decoded as they are.
+    list) and compressed RLE (counts string) are decoded as they are. The refer API's ``getMask``
+    instead sums the polygons and LAVT keeps only pixels equal to 1, so where two polygons of one
+    annotation overlap its ground truth is background and ours foreground (documented in the README).
     """
     if isinstance(segmentation, dict) and segmentation.get("size") != [height, width]:
         # an RLE decodes at its own size: a tiny entry saying [50000, 50000] would be a 2.5 GB mask
@@ -270,7 +274,8 @@ def _check_image(path: str, data: bytes, width: int, height: int) -> tuple[str |
                 if extension is None:
                     problem = f"unsupported image format {im.format}"
                 elif im.size != (width, height):  # a mismatched image (a decompression bomb, say) is never decoded
-                    problem = f"image is {im.size[0]}x{im.size[1]} but instances.json says {width}x{height}"
+                    # worded alike for instances.json and the parquet route's raw_image_info: the manifest must not depend on the route
+                    problem = f"image is {im.size[0]}x{im.size[1]} but its COCO image entry says {width}x{height}"
                 elif width * height > MAX_SAMPLE_PIXELS:
                     problem = f"image of {width}x{height} pixels, over the {MAX_SAMPLE_PIXELS} that readers accept"
                 else:
@@ -283,37 +288,40 @@ def _check_image(path: str, data: bytes, width: int, height: int) -> tuple[str |
 
 
 def make_refer_sample(item: dict) -> tuple[dict | None, list[dict]]:
-    """An item → (shard sample or None, skip records). Runs in worker processes."""
+    """An item → (shard sample or None, skip records). Runs in worker processes.
+
+    Every sentence is kept with its text as it is, an empty one included, and a ref whose mask is
+    empty is kept with an all-zero ``mask.png`` and ``"empty_mask": true``: evaluation scores every
+    expression the refer API lists; training skips what it cannot learn from (see :mod:`.loader`).
+    Only a ref that cannot be written at all is skipped (image missing or unreadable, no mask).
+    """
 
     def skipped(reason: str, **extra) -> dict:
         return {"dataset": item["dataset"], "split": item["split"], "ref_id": item["ref_id"], "reason": reason, **extra}
 
     if item["skip"]:
         return None, [skipped(item["skip"])]
-    skips = [skipped("empty sentence", sent_id=s["sent_id"]) for s in item["sentences"] if not (s["sent"].strip() and s["raw"].strip())]
-    sentences = [s for s in item["sentences"] if s["sent"].strip() and s["raw"].strip()]
-    if not sentences:
-        return None, skips + [skipped("no non-empty sentence")]
+    if not item["sentences"]:  # a sample needs at least one expression (readers refuse an empty list)
+        return None, [skipped("no sentence")]
     path = item["image_path"]
     try:
         image_bytes = Path(path).read_bytes()
     except OSError:
-        return None, skips + [skipped("image missing", path=path)]
+        return None, [skipped("image missing", path=path)]
     extension, problem = _check_image(path, image_bytes, item["width"], item["height"])
     if problem:
-        return None, skips + [skipped(problem, path=path)]
+        return None, [skipped(problem, path=path)]
     try:
         mask = annotation_mask(item["segmentation"], item["height"], item["width"])
     except Exception as exc:  # pycocotools raises bare Exceptions on malformed input
-        return None, skips + [skipped(f"bad segmentation ({exc})")]
-    if not mask.any():
-        return None, skips + [skipped("empty mask")]
+        return None, [skipped(f"bad segmentation ({exc})")]
     meta = {k: item[k] for k in ("ref_id", "ann_id", "image_id", "category_id", "bbox", "split", "dataset", "width", "height")}
-    meta["sentences"] = sentences
+    meta["empty_mask"] = not mask.any()
+    meta["sentences"] = item["sentences"]
     sample = {
         "__key__": item["key"],
         extension: image_bytes,
         "mask.png": encode_mask_png(mask),
         "json": json.dumps(meta, ensure_ascii=False).encode("utf-8"),
     }
-    return sample, skips
+    return sample, []

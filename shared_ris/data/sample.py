@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .errors import DataError
+from .errors import DataError, short_repr
 from .transforms import load_image
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
@@ -21,7 +21,12 @@ FIX = "re-run sris prepare with --overwrite"
 
 @dataclass
 class Sample:
-    """A checked sample: ``sentences`` is a non-empty list of {"sent_id": int, "sent": str, "raw": str, …}."""
+    """A checked sample: ``sentences`` is a non-empty list of {"sent_id": int, "sent": str, "raw": str, …}.
+
+    Every ref and sentence of the dataset is kept (evaluation scores them all); what training cannot
+    learn from is flagged: a text that is empty (or only spaces) as it stands, a ref whose mask is
+    empty by ``"empty_mask": true`` in its JSON (absent means false).
+    """
 
     key: str
     where: str  # the shard, for messages
@@ -29,6 +34,14 @@ class Sample:
     mask_bytes: bytes
     meta: dict
     sentences: list[dict]
+
+    @property
+    def empty_mask(self) -> bool:
+        return self.meta.get("empty_mask") is True
+
+    def trainable_texts(self, text_field: str) -> list[str]:
+        """The texts training may draw from: none for an empty mask, else the non-empty ones."""
+        return [] if self.empty_mask else [s[text_field] for s in self.sentences if s[text_field].strip()]
 
     def fail(self, problem: str) -> DataError:
         return DataError(f"{self.where}: sample {self.key}: {problem}; {FIX}")
@@ -77,6 +90,8 @@ def parse_sample(raw: dict, where: str, text_field: str) -> Sample:
     if not isinstance(meta, dict):
         raise sample.fail("its json member is not an object")
     sample.sentences = _check_sentences(sample, meta.get("sentences"), text_field)
+    if not isinstance(meta.get("empty_mask", False), bool):
+        raise sample.fail(f"'empty_mask' must be true or false, got {short_repr(meta['empty_mask'])}")
     return sample
 
 
@@ -89,6 +104,6 @@ def _check_sentences(sample: Sample, sentences, text_field: str) -> list[dict]:
         sent_id, text = sentence.get("sent_id"), sentence.get(text_field)
         if not isinstance(sent_id, int) or isinstance(sent_id, bool):
             raise sample.fail(f"sentence {i}: 'sent_id' must be an integer, got {sent_id!r}")
-        if not isinstance(text, str) or not text.strip():
-            raise sample.fail(f"sentence {sent_id}: '{text_field}' must be a non-empty string, got {text!r}")
+        if not isinstance(text, str):  # an empty string is a flagged text: scored, not trained on
+            raise sample.fail(f"sentence {sent_id}: '{text_field}' must be a string, got {short_repr(text)}")
     return sentences

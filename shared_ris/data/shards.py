@@ -94,7 +94,7 @@ def _tick() -> None:
 def write_shard(out_dir: str, job: ShardJob, make_sample: SampleMaker, strict: bool) -> dict:
     """Write one shard to a temp name, rename it when complete; return its statistics."""
     final = Path(out_dir) / job.name
-    stats = {"split": job.split, "samples": 0, "sentences": 0, "skipped": [], "image_ids": set()}
+    stats = {"split": job.split, "samples": 0, "sentences": 0, **_no_flags(), "skipped": [], "image_ids": set()}
     with atomic_write(final) as stream:
         with wds.TarWriter(stream, encoder=False, mtime=0, user="", group="") as writer:
             for item in job.items:
@@ -105,14 +105,39 @@ def write_shard(out_dir: str, job: ShardJob, make_sample: SampleMaker, strict: b
                 stats["skipped"] += skips
                 if sample is not None:
                     writer.write(sample)
-                    stats["samples"] += 1
-                    stats["sentences"] += len(json.loads(sample["json"])["sentences"])
+                    _count_sample(stats, json.loads(sample["json"]))
                     stats["image_ids"].add(item["image_id"])
                 _tick()
     stats["bytes"] = final.stat().st_size
     stats["sha256"] = file_sha256(final)
     stats["image_ids"] = sorted(stats["image_ids"])
     return stats
+
+
+TEXT_FIELDS = ("sent", "raw")  # data.text_field's choices: what training can learn from depends on it
+
+
+def _no_flags() -> dict:
+    return {
+        "empty_mask_samples": 0,
+        "empty_text_sentences": {field: 0 for field in TEXT_FIELDS},
+        "trainable_samples": {field: 0 for field in TEXT_FIELDS},
+    }
+
+
+def _count_sample(stats: dict, meta: dict) -> None:
+    """Add one written sample to a shard's (or split's) counts, flagged ones included: a sample
+    with ``"empty_mask": true``, a sentence whose text is empty. ``trainable_samples[field]``
+    counts the samples training can learn from with that text field (see :mod:`.loader`)."""
+    sentences = meta["sentences"]
+    stats["samples"] += 1
+    stats["sentences"] += len(sentences)
+    empty_mask = meta.get("empty_mask") is True
+    stats["empty_mask_samples"] += empty_mask
+    for field in TEXT_FIELDS:
+        filled = sum(1 for s in sentences if str(s.get(field) or "").strip())
+        stats["empty_text_sentences"][field] += len(sentences) - filled
+        stats["trainable_samples"][field] += bool(filled) and not empty_mask
 
 
 # -- main side --------------------------------------------------------------------------------------
@@ -240,6 +265,7 @@ def summarize(jobs: Iterable[ShardJob], done: dict[str, dict]) -> tuple[dict, li
             continue  # every item skipped: the file exists (so resume knows it is done) but is not listed
         split["samples"] += stats["samples"]
         split["sentences"] += stats["sentences"]
+        _add_flags(split, stats)
         split["bytes"] += stats["bytes"]
         split["shards"].append(job.name)
         split["shard_samples"].append(stats["samples"])
@@ -249,6 +275,15 @@ def summarize(jobs: Iterable[ShardJob], done: dict[str, dict]) -> tuple[dict, li
     for name, split in splits.items():
         split["images"] = len(images[name])
     return splits, skipped
+
+
+def _add_flags(split: dict, stats: dict) -> None:
+    """A shard's flag counts into its split's. A record written before the flags existed has none:
+    its version dropped flagged items, so every sample it holds is trainable."""
+    split["empty_mask_samples"] += stats.get("empty_mask_samples", 0)
+    for field in TEXT_FIELDS:
+        split["empty_text_sentences"][field] += stats.get("empty_text_sentences", {}).get(field, 0)
+        split["trainable_samples"][field] += stats.get("trainable_samples", {}).get(field, stats["samples"])
 
 
 def skip_counts(skipped: list[dict]) -> dict[str, int]:
@@ -261,7 +296,7 @@ def skip_counts(skipped: list[dict]) -> dict[str, int]:
 
 def _empty_split() -> dict:
     return {
-        "samples": 0, "sentences": 0, "images": 0, "bytes": 0,
+        "samples": 0, "sentences": 0, "images": 0, "bytes": 0, **_no_flags(),
         "shards": [], "shard_samples": [], "shard_sentences": [], "shard_bytes": [], "shard_sha256": [],
     }  # fmt: skip
 
