@@ -133,6 +133,9 @@ def max_batch(check: Check) -> dict:
     out = {}
     low, high = check.size["ladder"]
     for variant in ("eager", "checkpointing"):
+        if time.time() > check.deadline:  # each measurement is a child process: stop between them
+            out[variant] = {"skipped": "deadline"}
+            continue
         peaks = {b: peak_at(check, variant, b) for b in (low, high)}
         if None in peaks.values():
             out[variant] = {"peaks_gib": peaks, "error": "a ladder batch did not run"}
@@ -141,6 +144,8 @@ def max_batch(check: Check) -> dict:
         fixed = peaks[low] - slope * low
         out[variant] = {"peaks_gib": peaks, "gib_per_image": round(slope, 3)}
         for limit in check.size["limits"]:
+            if time.time() > check.deadline:
+                break
             batch = max(1, int((limit - fixed) / slope))
             peak = peak_at(check, variant, batch)
             while batch > 1 and (peak is None or peak > limit):  # the fit was optimistic: measure one lower
