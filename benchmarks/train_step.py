@@ -26,6 +26,7 @@ import torch
 
 from shared_ris import load_recipe
 from shared_ris.distributed import DistEnv
+from shared_ris.flops import dummy_batch
 from shared_ris.trainee import build_trainee, train_step, wrap_for_training
 
 VARIANTS = {
@@ -34,16 +35,6 @@ VARIANTS = {
     "compile": ["train.compile=true"],
     "compile+checkpointing": ["train.compile=true", "train.activation_checkpointing=true"],
 }
-
-
-def random_batch(recipe, batch_size: int, device: torch.device) -> dict:
-    size, length = recipe.model.image_size, recipe.model.max_text_len
-    return {
-        "images": torch.randn(batch_size, 3, size, size, device=device),
-        "text_ids": torch.randint(4, min(1000, recipe.model.encoder.vocab_size), (batch_size, length), device=device),
-        "text_padding_mask": torch.zeros(batch_size, length, dtype=torch.bool, device=device),
-        "masks": (torch.rand(batch_size, 1, size, size, device=device) > 0.7).float(),
-    }
 
 
 def measure(recipe_name: str, variant: str, batch_size: int, accumulate: int, steps: int, warmup: int) -> dict:
@@ -56,7 +47,7 @@ def measure(recipe_name: str, variant: str, batch_size: int, accumulate: int, st
     trainee = build_trainee(recipe, env)
     wrap_for_training(trainee, recipe, env)
     trainee.model.train()
-    micro = [random_batch(recipe, batch_size, device) for _ in range(accumulate)]
+    micro = [dummy_batch(recipe, batch_size, device, seed=i) for i in range(accumulate)]
 
     def step(number: int) -> float:
         if device.type == "cuda":

@@ -127,9 +127,8 @@ def evaluate(
             bar.update(tasks[name], completed=done)
 
         report = evaluate_run(
-            checkpoint, location, splits, tokenizer=tokenizer, resolution=chosen.resolution, threshold=chosen.threshold,
-            inclusive=chosen.inclusive, empty_iou=chosen.empty_iou, save_masks=save_masks, device=device, batch_size=batch_size,
-            num_workers=workers, progress=advance,
+            checkpoint, location, splits, tokenizer=tokenizer, protocol=chosen, save_masks=save_masks, device=device,
+            batch_size=batch_size, num_workers=workers, progress=advance,
         )  # fmt: skip
     if not is_main:
         return

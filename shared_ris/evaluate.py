@@ -218,10 +218,6 @@ def evaluate_run(
     *,
     tokenizer: str | Path | None = None,
     protocol: Protocol | str = "default",
-    resolution: str | None = None,
-    threshold: float | None = None,
-    inclusive: bool | None = None,
-    empty_iou: float | None = None,
     save_masks: str | Path | None = None,
     device: str | None = None,
     batch_size: int | None = None,
@@ -234,18 +230,16 @@ def evaluate_run(
          "P@0.9", "n", "by_size": [{"lo", "hi", "n", "mIoU", "oIoU"}, ...]}}}
 
     IoUs are fractions in [0, 1]. ``protocol`` is a preset name or a :class:`Protocol` (default:
-    the protocol of training's validation); ``resolution``, ``threshold``, ``inclusive`` and
-    ``empty_iou``, when given, override that one choice. A threshold of None is the recipe's τ. ``save_masks`` writes
-    ``DIR/{split}/{key}_{sent_id}.png`` (the scored predictions) and ``DIR/{split}/gt/{key}.png``
-    (the ground truth they were scored against), 0/255 at the scoring resolution. Started by torchrun (``sris eval --gpus N`` / ``--nproc N``), each
+    the protocol of training's validation; single choices: ``resolve_protocol("lavt", empty_iou=1)``);
+    a threshold of None is the recipe's τ. ``save_masks`` writes ``DIR/{split}/{key}_{sent_id}.png``
+    (the scored predictions) and ``DIR/{split}/gt/{key}.png`` (the ground truth they were scored
+    against), 0/255 at the scoring resolution. Started by torchrun (``sris eval --gpus N`` / ``--nproc N``), each
     process joins the group, scores its share and every rank returns the whole split's figures,
     equal to the single-process ones to the last digit. ``progress(split, done, total)`` is called
     per batch with the expressions scored so far (``total`` is None when unknown).
     """
     split_names = parse_splits(splits)
-    given = {"resolution": resolution, "threshold": threshold, "inclusive": inclusive, "empty_iou": empty_iou}
-    base = resolve_protocol(protocol) if isinstance(protocol, str) else protocol
-    protocol = replace(base, **{k: v for k, v in given.items() if v is not None})
+    protocol = resolve_protocol(protocol) if isinstance(protocol, str) else protocol
     check_device(device)
     location = data_location(data_dir)
     joined_here = not (dist.is_available() and dist.is_initialized())

@@ -35,6 +35,15 @@ def dummy_inputs(recipe: Recipe, batch_size: int = 1) -> tuple[torch.Tensor, tor
     return images, text_ids, torch.zeros(batch_size, length, dtype=torch.bool)
 
 
+def dummy_batch(recipe: Recipe, batch_size: int, device: torch.device | str = "cpu", seed: int = 0) -> dict:
+    """A training batch of :func:`dummy_inputs` and random masks (30 % foreground), on ``device``."""
+    images, text_ids, padding = dummy_inputs(recipe, batch_size)
+    size = recipe.model.image_size
+    masks = (torch.rand(batch_size, 1, size, size, generator=torch.Generator().manual_seed(seed)) > 0.7).float()
+    batch = {"images": images, "text_ids": text_ids, "text_padding_mask": padding, "masks": masks}
+    return {key: value.to(device) for key, value in batch.items()}
+
+
 def count_flops(recipe: Recipe) -> dict:
     """{"recipe", "image_size", "text_len", "components": {name: {"params", "gflops"}}, "skipped_ops"}.
 

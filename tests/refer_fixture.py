@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -283,3 +284,21 @@ def write_refer_root(root: str | Path, dataset: str = "refcoco", split_by: str =
     (folder / f"refs({split_by}).p").write_bytes(py2_dumps(py2_refs(dataset, split_by)) if refs_bytes is None else refs_bytes)
     (folder / "instances.json").write_text(json.dumps(_instances() if instances is None else instances))
     return Path(root)
+
+
+# -- pytest fixtures, imported by the test modules that use them -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fixture(tmp_path_factory) -> ReferFixture:
+    """The miniature refer root and image folder, once per test module."""
+    return build_refer_fixture(tmp_path_factory.mktemp("refer"))
+
+
+@pytest.fixture(scope="module")
+def refcoco(fixture, tmp_path_factory) -> tuple[Path, dict]:
+    """(output folder, manifest) of the fixture's RefCOCO (unc), 2 refs per shard."""
+    from shared_ris.data import prepare_refer
+
+    out = tmp_path_factory.mktemp("refcoco-out")
+    return out, prepare_refer("refcoco", fixture.refer_root, fixture.images_dir, out, shard_size=2, workers=1)

@@ -20,3 +20,14 @@ def all_sentences(data_dir, split) -> Counter:
                     key = member.name.split(".")[0]
                     found.update((key, s["sent_id"]) for s in json.loads(tar.extractfile(member).read())["sentences"])
     return found
+
+
+def members_by_key(out, manifest: dict, split: str) -> dict[str, dict[str, bytes]]:
+    """key → {extension: bytes} of every sample of the split, read with tarfile alone."""
+    found: dict[str, dict[str, bytes]] = {}
+    for name in manifest["splits"][split]["shards"]:
+        with tarfile.open(out / name) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                found.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return found

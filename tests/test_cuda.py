@@ -16,7 +16,7 @@ from shared_ris.checkpoint import load_run
 from shared_ris.data import build_eval_loader, prepare_synthetic
 from shared_ris.distributed import DistEnv
 from shared_ris.evaluate import evaluate_model
-from shared_ris.flops import dummy_inputs
+from shared_ris.flops import dummy_batch
 from shared_ris.predictor import Predictor
 from shared_ris.trainee import build_trainee, train_step, wrap_for_training
 
@@ -24,19 +24,12 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 CUDA = torch.device("cuda")
 
 
-def random_batch(recipe, batch_size: int, device: torch.device, seed: int = 0) -> dict:
-    images, text_ids, padding = dummy_inputs(recipe, batch_size)
-    size = recipe.model.image_size
-    masks = (torch.rand(batch_size, 1, size, size, generator=torch.Generator().manual_seed(seed)) > 0.7).float()
-    return {k: v.to(device) for k, v in {"images": images, "text_ids": text_ids, "text_padding_mask": padding, "masks": masks}.items()}
-
-
 @pytest.mark.parametrize("name", ["tiny", "base"])
 def test_bf16_forward_is_close_to_fp32(name):
     recipe = load_recipe(name)
     trainee = build_trainee(recipe, DistEnv(device=CUDA))
     model = trainee.model.eval()
-    batch = random_batch(recipe, 2, CUDA)
+    batch = dummy_batch(recipe, 2, CUDA)
     inputs = (batch["images"], batch["text_ids"], batch["text_padding_mask"])
     with torch.no_grad():
         fp32 = model(*inputs).float()
@@ -61,7 +54,7 @@ def test_optimizer_steps(name, compile_, checkpointing):
     trainee.model.train()
     before = {n: p.detach().clone() for n, p in trainee.model.named_parameters() if p.requires_grad}
     for step in range(1, 4):
-        losses = train_step(trainee, [random_batch(recipe, 2, CUDA, seed=2 * step + i) for i in range(2)], recipe, env, step=step)
+        losses = train_step(trainee, [dummy_batch(recipe, 2, CUDA, seed=2 * step + i) for i in range(2)], recipe, env, step=step)
         assert torch.isfinite(losses).all()
     assert trainee.guard.verdict() is None
     changed = sum(not torch.equal(before[n], p) for n, p in trainee.model.named_parameters() if p.requires_grad)
@@ -73,7 +66,7 @@ def test_a_steady_state_step_does_not_synchronise():
     env = DistEnv(device=CUDA)
     trainee = build_trainee(recipe, env)
     trainee.model.train()
-    batches = [random_batch(recipe, 4, CUDA, seed=s) for s in range(3)]
+    batches = [dummy_batch(recipe, 4, CUDA, seed=s) for s in range(3)]
     train_step(trainee, [batches[0]], recipe, env, step=1)  # the first step allocates optimizer state
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -16,7 +16,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cli.main import app
-from refer_fixture import ANNS, REFS, build_refer_fixture, texts
+from shard_reading import members_by_key
+from refer_fixture import ANNS, REFS, build_refer_fixture, texts, fixture, refcoco  # noqa: F401
 from shared_ris import Tokenizer, load_recipe
 from shared_ris.data import DataError, build_train_loader, prepare_refer, read_manifest, train_steps_per_epoch
 from shared_ris.data.loader import _trainable
@@ -28,26 +29,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 UNC = ("refcoco", "unc")
 
 
-@pytest.fixture(scope="module")
-def fixture(tmp_path_factory):
-    return build_refer_fixture(tmp_path_factory.mktemp("refer"))
-
-
-@pytest.fixture(scope="module")
-def prepared(fixture, tmp_path_factory):
-    out = tmp_path_factory.mktemp("out")
-    return out, prepare_refer("refcoco", fixture.refer_root, fixture.images_dir, out, shard_size=2, workers=1)
 
 
 def samples_of(out, manifest, split) -> dict[str, tuple[dict, np.ndarray]]:
     """key → (json, mask) of every sample of the split, read with tarfile alone."""
-    found: dict[str, dict] = {}
-    for name in manifest["splits"][split]["shards"]:
-        with tarfile.open(out / name) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                found.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return {k: (json.loads(v["json"]), np.asarray(Image.open(io.BytesIO(v["mask.png"])))) for k, v in found.items()}
+    return {k: (json.loads(v["json"]), np.asarray(Image.open(io.BytesIO(v["mask.png"])))) for k, v in members_by_key(out, manifest, split).items()}
 
 
 def usable_refs(fixture, split):
@@ -58,8 +44,8 @@ def usable_refs(fixture, split):
 
 
 @pytest.mark.parametrize("split", ["train", "val", "testA", "testB"])
-def test_every_sentence_of_every_writable_ref_is_kept(fixture, prepared, split):
-    out, manifest = prepared
+def test_every_sentence_of_every_writable_ref_is_kept(fixture, refcoco, split):
+    out, manifest = refcoco
     stored = {meta["ref_id"]: (meta, mask) for meta, mask in samples_of(out, manifest, split).values()}
     assert set(stored) == {r[0] for r in usable_refs(fixture, split)}
     for ref_id, ann_id, _, sentences in usable_refs(fixture, split):
@@ -71,17 +57,17 @@ def test_every_sentence_of_every_writable_ref_is_kept(fixture, prepared, split):
 
 
 @pytest.mark.parametrize("split", ["val", "testA", "testB"])
-def test_manifest_sentences_equal_the_refer_api_count(fixture, prepared, split):
+def test_manifest_sentences_equal_the_refer_api_count(fixture, refcoco, split):
     """Every ref of these splits can be written, so the counts are the refer API's exactly."""
-    _, manifest = prepared
+    _, manifest = refcoco
     stats = manifest["splits"][split]
     refs = [r for r in REFS[UNC] if r[2] == split]
     assert (stats["samples"], stats["sentences"]) == (len(refs), sum(len(r[3]) for r in refs)) == fixture.refer_api_counts(*UNC, split)
 
 
 @pytest.mark.parametrize("split", ["train", "val", "testA", "testB"])
-def test_manifest_flag_counts(fixture, prepared, split):
-    _, manifest = prepared
+def test_manifest_flag_counts(fixture, refcoco, split):
+    _, manifest = refcoco
     stats = manifest["splits"][split]
     kept = usable_refs(fixture, split)
     empty_masks = sum(ANNS[ann][2] == "empty" for _, ann, _, _ in kept)
@@ -120,8 +106,8 @@ def trainable_texts(fixture, split, field) -> dict[int, list[str]]:
 
 
 @pytest.mark.parametrize("field", ["sent", "raw"])
-def test_training_draws_only_learnable_refs_and_sentences(fixture, prepared, tokenizer, field):
-    out, _ = prepared
+def test_training_draws_only_learnable_refs_and_sentences(fixture, refcoco, tokenizer, field):
+    out, _ = refcoco
     recipe = load_recipe("tiny", ["data.train_split=testB", f"data.text_field={field}", "train.batch_size=1", "data.shuffle_buffer=4"])
     allowed = trainable_texts(fixture, "testB", field)
     loader = build_train_loader(out, recipe, tokenizer, num_workers=0)
@@ -138,16 +124,16 @@ def test_training_draws_only_learnable_refs_and_sentences(fixture, prepared, tok
     assert seen == set(allowed)
 
 
-def test_resume_is_exact_with_flagged_refs_in_the_stream(prepared, tokenizer):
-    out, _ = prepared
+def test_resume_is_exact_with_flagged_refs_in_the_stream(refcoco, tokenizer):
+    out, _ = refcoco
     recipe = load_recipe("tiny", ["data.train_split=testB", "data.text_field=raw", "train.batch_size=1", "data.shuffle_buffer=4"])
     fingerprint = lambda loader: [(b["keys"], b["text_ids"].tolist()) for b in loader]  # noqa: E731
     full = fingerprint(build_train_loader(out, recipe, tokenizer, epoch=3, num_workers=0))
     assert fingerprint(build_train_loader(out, recipe, tokenizer, epoch=3, start_step=1, num_workers=0)) == full[1:]
 
 
-def test_a_split_with_nothing_to_learn_is_one_line(prepared, tokenizer):
-    out, _ = prepared
+def test_a_split_with_nothing_to_learn_is_one_line(refcoco, tokenizer):
+    out, _ = refcoco
     recipe = load_recipe("tiny", ["data.train_split=testB", "data.text_field=sent", "train.batch_size=2"])
     with pytest.raises(DataError, match=r"1 samples to train on \(3 of 4 flagged: empty mask or no 'sent' text\), fewer than one batch") as info:
         build_train_loader(out, recipe, tokenizer)
@@ -167,8 +153,8 @@ def test_a_wrongly_typed_flag_is_refused():
         parse_sample(raw, "s.tar", "sent")
 
 
-def test_a_lying_trainable_count_is_refused(prepared, tokenizer, tmp_path):
-    out, manifest = prepared
+def test_a_lying_trainable_count_is_refused(refcoco, tokenizer, tmp_path):
+    out, manifest = refcoco
     import shutil
 
     copy = shutil.copytree(out, tmp_path / "copy")

@@ -19,16 +19,12 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from parquet_fixture import SCHEMA, hub_rows, write_hub_copy
-from refer_fixture import REFS, build_refer_fixture
+from refer_fixture import REFS, build_refer_fixture, fixture  # noqa: F401
 from shared_ris.data import DataError, prepare_refer, read_manifest
 from shared_ris.data.prepare import prepare_parquet
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools on numpy 2
 
-
-@pytest.fixture(scope="module")
-def fixture(tmp_path_factory):
-    return build_refer_fixture(tmp_path_factory.mktemp("refer"))
 
 
 def tar_bytes(out: Path) -> dict[str, bytes]:

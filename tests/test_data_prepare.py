@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from refer_fixture import ANNS, IMAGES, NON_ASCII_UNICODE, NON_ASCII_UTF8, REFS, SKIP_REASONS, build_refer_fixture, py2_dumps
+from refer_fixture import ANNS, IMAGES, NON_ASCII_UNICODE, NON_ASCII_UTF8, REFS, SKIP_REASONS, build_refer_fixture, py2_dumps, fixture, refcoco  # noqa: F401
 from refer_fixture import texts as raw_and_sent
 from shared_ris.data import DataError, UnsafePickleError, load_pickle, prepare_refer, read_manifest
 
@@ -26,15 +26,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 SPLITS = {("refcoco", "unc"): ["train", "val", "testA", "testB"], ("refcocog", "umd"): ["train", "val", "test"], ("refcocog", "google"): ["train", "val"]}
 
 
-@pytest.fixture(scope="module")
-def fixture(tmp_path_factory):
-    return build_refer_fixture(tmp_path_factory.mktemp("refer"))
-
-
-@pytest.fixture(scope="module")
-def refcoco(fixture, tmp_path_factory):
-    out = tmp_path_factory.mktemp("refcoco-out")
-    return out, prepare_refer("refcoco", fixture.refer_root, fixture.images_dir, out, shard_size=2, workers=1)
 
 
 def read_tar(path: Path) -> list[dict]:

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from shard_reading import members_by_key
 from shared_ris import Tokenizer, load_recipe
 from shared_ris.data import prepare_synthetic, read_manifest
 from shared_ris.data.synthetic import COLOURS, SHAPES, SIZES, Shape, expressions, raw_text, vocabulary_sentences
@@ -25,14 +26,6 @@ def small_set(tmp_path_factory):
     return out, prepare_synthetic(out, train=60, val=20, test=10, size=96, seed=5, shard_size=25, workers=2)
 
 
-def samples(out, manifest, split):
-    found = {}
-    for name in manifest["splits"][split]["shards"]:
-        with tarfile.open(out / name) as tar:
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                found.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return found
 
 
 def referents(sentence: str, objects: list[dict], size: int) -> list[int]:
@@ -65,7 +58,7 @@ def test_every_expression_picks_exactly_its_target(which, request):
     out, manifest = request.getfixturevalue(which)
     single_cue_would_do, relational = 0, 0
     for split in manifest["splits"]:
-        for key, sample in samples(out, manifest, split).items():
+        for key, sample in members_by_key(out, manifest, split).items():
             meta = json.loads(sample["json"])
             objects = meta["objects"]
             assert 3 <= len(objects) <= 6 and 2 <= len(meta["sentences"]) <= 3
@@ -84,7 +77,7 @@ def test_every_expression_picks_exactly_its_target(which, request):
 
 def test_masks_are_visible_parts_of_sizeable_targets(small_set):
     out, manifest = small_set
-    for sample in samples(out, manifest, "val").values():
+    for sample in members_by_key(out, manifest, "val").values():
         meta = json.loads(sample["json"])
         mask = np.asarray(Image.open(io.BytesIO(sample["mask.png"])))
         assert mask.shape == (96, 96) and set(np.unique(mask)) == {0, 255}

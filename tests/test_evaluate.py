@@ -62,8 +62,8 @@ def test_batch_size_and_workers_do_not_change_the_figures(single, run, data_dir)
 
 def test_lavt_protocol_scores_at_the_input_size(run, data_dir):
     lavt = resolve_protocol("lavt")
-    report = evaluate_run(run, data_dir, "val", resolution=lavt.resolution, threshold=lavt.threshold, inclusive=lavt.inclusive,
-                          empty_iou=lavt.empty_iou, num_workers=0)  # fmt: skip
+    chosen = Protocol(resolution=lavt.resolution, threshold=lavt.threshold, inclusive=lavt.inclusive, empty_iou=lavt.empty_iou)
+    report = evaluate_run(run, data_dir, "val", protocol=chosen, num_workers=0)
     assert evaluate_run(run, data_dir, "val", protocol="lavt", num_workers=0) == report
     assert report["protocol"]["description"] == (
         "protocol: masks at 128×128 input size (ground truth resized, PIL nearest), σ>0.5, P@X: IoU ≥ X, both empty: IoU 0, per expression"

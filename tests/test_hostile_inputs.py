@@ -149,8 +149,9 @@ def predict_inputs(prompts: bytes | str, name: str = "prompts.jsonl") -> Callabl
     return setup
 
 
-def refer(root: Path, *extra: str) -> list[str]:
-    return ["prepare", "refcoco", "--refer-root", str(root / "refer"), "--images", str(root / "train2014"), "--out", str(root / "out"),
+def refer(root: Path, *extra: str, source: tuple[str, str] = ("--refer-root", "refer")) -> list[str]:
+    flag, folder = source
+    return ["prepare", "refcoco", flag, str(root / folder), "--images", str(root / "train2014"), "--out", str(root / "out"),
             "--workers", "1", *extra]  # fmt: skip
 
 
@@ -171,8 +172,7 @@ def refer_files(alter_refs=None, alter_instances=None, refs_bytes: Callable[[Pat
 
 
 def parquet_route(root: Path, *extra: str) -> list[str]:
-    return ["prepare", "refcoco", "--parquet", str(root / "hub"), "--images", str(root / "train2014"), "--out", str(root / "out"),
-            "--workers", "1", *extra]  # fmt: skip
+    return refer(root, *extra, source=("--parquet", "hub"))
 
 
 HUB_FILE = "train-00000-of-00001.parquet"

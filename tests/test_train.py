@@ -66,6 +66,14 @@ def final_weights(run_dir):
     return load_checkpoint(run_dir / "last.pt")["model"]
 
 
+def assert_same_run(run_dir, reference_dir) -> None:
+    """Bit for bit the same final weights and the same logged losses."""
+    a, b = final_weights(reference_dir), final_weights(run_dir)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=0, rtol=0, msg=key)
+    assert losses(run_dir) == losses(reference_dir)
+
+
 def losses(run_dir):
     import json
 
@@ -216,10 +224,7 @@ def test_sigterm_saves_and_resume_continues_exactly(tmp_path):
     resumed = train_loop(recipe, data, tmp_path / "split", resume="auto")
     assert resumed["step"] == 12 and not resumed["stopped"]
 
-    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "split")
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], atol=0, rtol=0, msg=key)
-    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+    assert_same_run(tmp_path / "split", tmp_path / "whole")
 
 
 def test_repeated_signals_stop_once_and_an_impatient_one_interrupts():

@@ -77,32 +77,33 @@ def read_manifest(data_dir: str | Path | DataLocation) -> dict:
     if manifest.get("complete") is not True:
         raise DataError(f"{where}: preparation did not finish; re-run the same `sris prepare` command to resume it")
     splits = manifest.get("splits")
-    if not isinstance(splits, dict):
-        raise DataError(f"{where}: 'splits' must be an object of split entries; re-run sris prepare with --overwrite")
+    _require(isinstance(splits, dict), where, "'splits' must be an object of split entries")
     for name, info in splits.items():
         _check_split(name, info, where)
     return manifest
 
 
+def _require(ok: bool, where: str, problem: str) -> None:
+    if not ok:
+        raise DataError(f"{where}: {problem}; re-run sris prepare with --overwrite")
+
+
 def _check_split(name: str, info, where: str) -> None:
-    if not isinstance(info, dict):
-        raise DataError(f"{where}: split {name!r} must be an object; re-run sris prepare with --overwrite")
+    _require(isinstance(info, dict), where, f"split {name!r} must be an object")
     for key in COUNTS:
-        if not _is_count(info.get(key)):
-            raise DataError(f"{where}: split {name}: {key!r} must be a count, got {info.get(key)!r}; re-run sris prepare with --overwrite")
+        _require(_is_count(info.get(key)), where, f"split {name}: {key!r} must be a count, got {info.get(key)!r}")
     shards = info.get("shards")
-    if not isinstance(shards, list):
-        raise DataError(f"{where}: split {name}: 'shards' must be a list of file names; re-run sris prepare with --overwrite")
+    _require(isinstance(shards, list), where, f"split {name}: 'shards' must be a list of file names")
     for shard in shards:
         check_shard_name(shard, where)
     for key, kind in PER_SHARD.items():
         values = info.get(key)
         if values is None and key in ("shard_bytes", "shard_sha256"):
             raise DataError(f"{where}: split {name} has no shard digests (prepared by an older shared-ris); {RERUN}")
-        if not isinstance(values, list) or len(values) != len(shards) or not all(_is_count(v) if kind is int else _is_digest(v) for v in values):
-            raise DataError(f"{where}: split {name}: {key!r} must list one {kind.__name__} per shard; re-run sris prepare with --overwrite")
-    if sum(info["shard_samples"]) != info["samples"] or sum(info["shard_sentences"]) != info["sentences"]:
-        raise DataError(f"{where}: split {name}: the per-shard counts do not add up to the split's; re-run sris prepare with --overwrite")
+        typed = isinstance(values, list) and len(values) == len(shards) and all(_is_count(v) if kind is int else _is_digest(v) for v in values)
+        _require(typed, where, f"split {name}: {key!r} must list one {kind.__name__} per shard")
+    adds_up = sum(info["shard_samples"]) == info["samples"] and sum(info["shard_sentences"]) == info["sentences"]
+    _require(adds_up, where, f"split {name}: the per-shard counts do not add up to the split's")
 
 
 def _is_count(value) -> bool:

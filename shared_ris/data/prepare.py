@@ -68,6 +68,7 @@ def prepare_refer(
     strict: bool = False,
     overwrite: bool = False,
     progress: Progress | None = None,
+    route: str = "refer",
 ) -> dict:
     """Convert a refer dataset to shards; return the manifest.
 
@@ -84,7 +85,12 @@ def prepare_refer(
         strict: fail on the first skipped item instead of counting it.
         overwrite: rebuild instead of resuming from the finished shards.
         progress: called as ``progress(done_refs, total_refs)``.
+        route: ``"refer"`` (``refer_root`` is the refer API folder) or ``"parquet"`` (``refer_root``
+            is a folder of the Hugging Face copies, see :func:`prepare_parquet`).
     """
+    if route == "parquet":
+        items, config, sources = _parquet_items(dataset, refer_root, images_dir, split_by, splits, limit)
+        return _write(dataset, out_dir, items, config, sources, shard_size, workers, strict, overwrite, progress, None)
     if dataset == COMBINED:
         if split_by is not None:
             raise DataError(f"{COMBINED} reads RefCOCO/+ (unc) and RefCOCOg (umd); drop --split-by")
@@ -95,34 +101,26 @@ def prepare_refer(
     return _write(dataset, out_dir, items, config, sources, shard_size, workers, strict, overwrite, progress, extra)
 
 
-def prepare_parquet(
-    dataset: str,
-    parquet_dir: str | Path,
-    images_dir: str | Path,
-    out_dir: str | Path,
-    split_by: str | None = None,
-    splits: Iterable[str] | str | None = None,
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    workers: int | None = None,
-    limit: int | None = None,
-    strict: bool = False,
-    overwrite: bool = False,
-    progress: Progress | None = None,
-) -> dict:
+def prepare_parquet(dataset: str, parquet_dir: str | Path, images_dir: str | Path, out_dir: str | Path, **options) -> dict:
     """:func:`prepare_refer` from the Hugging Face parquet copies (``jxu124/refcoco``,
     ``jxu124/refcocoplus``, ``jxu124/refcocog``): every ``*.parquet`` under ``parquet_dir``.
 
     The shards, and the manifest but for its ``sources`` entry (which names the files read), are
     byte-for-byte those :func:`prepare_refer` writes from the same refs. The copies hold RefCOCO/+
     unc and RefCOCOg umd; ``split_by`` may only say so. Split names become the refer API's
-    (``validation`` → ``val``; RefCOCO/+ ``test`` → ``testA``). Needs ``pip install 'shared-ris[parquet]'``.
+    (``validation`` → ``val``; RefCOCO/+ ``test`` → ``testA``). ``options``: those of
+    :func:`prepare_refer` (``split_by``, ``splits``, ``shard_size``, ``workers``, ``limit``,
+    ``strict``, ``overwrite``, ``progress``). Needs ``pip install 'shared-ris[parquet]'``.
     """
+    return prepare_refer(dataset, parquet_dir, images_dir, out_dir, route="parquet", **options)
+
+
+def _parquet_items(dataset: str, parquet_dir, images_dir, split_by, splits, limit) -> tuple[dict, dict, dict]:
     if dataset not in PARQUET_SPLIT_BY:
         raise DataError(f"--parquet reads {', '.join(PARQUET_SPLIT_BY)}; prepare {dataset} from --refer-root")
     if split_by not in (None, PARQUET_SPLIT_BY[dataset]):
         raise DataError(f"the parquet copies of {dataset} hold the {PARQUET_SPLIT_BY[dataset]} splits only; drop --split-by {split_by} or use --refer-root")
-    items, config, sources = parquet_items(dataset, parquet_dir, images_dir, splits, limit)
-    return _write(dataset, out_dir, items, config, sources, shard_size, workers, strict, overwrite, progress, None)
+    return parquet_items(dataset, parquet_dir, images_dir, splits, limit)
 
 
 def _write(dataset, out_dir, items, config, sources, shard_size, workers, strict, overwrite, progress, extra) -> dict:

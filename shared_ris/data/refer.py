@@ -85,9 +85,13 @@ def _wrong(path: str | Path, where: str, field: str, expected: str, value: Any, 
     return DataError(f"{path}: {where}: '{field}' must be {expected}, got {got}; {hint}")
 
 
+def _require_dict(path: str | Path, where: str, value: Any, what: str, hint: str) -> None:
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: {where} is {short_repr(value)}, not {what}; {hint}")
+
+
 def _check_sentence(path: str | Path, where: str, sentence: Any, hint: str = REFS_HINT) -> None:
-    if not isinstance(sentence, dict):
-        raise DataError(f"{path}: {where} is {short_repr(sentence)}, not a sentence dict {{sent_id, sent, raw, tokens}}; {hint}")
+    _require_dict(path, where, sentence, "a sentence dict {sent_id, sent, raw, tokens}", hint)
     # sent_id names the expression in eval's records and saved masks: every sentence needs its own
     if not _is_id(sentence.get("sent_id")):
         raise _wrong(path, where, "sent_id", "a non-negative integer", sentence.get("sent_id", _MISSING), hint)
@@ -167,8 +171,7 @@ def _index_by_id(path: str | Path, coco: dict, section: str, check) -> dict[int,
     by_id: dict[int, dict] = {}
     for index, entry in enumerate(entries):
         where = f"{section}[{index}]"
-        if not isinstance(entry, dict):
-            raise DataError(f"{path}: {where} is {short_repr(entry)}, not a dict; {INSTANCES_HINT}")
+        _require_dict(path, where, entry, "a dict", INSTANCES_HINT)
         if not _is_id(entry.get("id")):
             raise _wrong(path, where, "id", "a non-negative integer", entry.get("id", _MISSING), INSTANCES_HINT)
         where = f"{section}[{index}] (id {entry['id']})"
