@@ -14,7 +14,7 @@ $(PY):
 # install their own CUDA torch (>=2.3) before `pip install -e .`.
 install: $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,parquet]"
+	$(PY) -m pip install -q -e ".[test,parquet,onnx]"
 
 test: install
 	$(PY) -m pytest -q
