@@ -56,6 +56,7 @@ class DecoderConfig:
     num_heads: int = 8
     mlp_ratio: float = 4.0
     upsample_blocks: int = 2  # l in eq. 10: output stride = patch_size / 2**l
+    projection: bool = False  # a linear 1×1 conv after the upsampling (CRIS's projector; Table V's FLOPs); off when a recipe lacks the key
 
 
 @dataclass

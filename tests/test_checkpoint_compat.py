@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from shared_ris.checkpoint import load_run
+from shared_ris.config import recipe_from_dict
 from shared_ris.train import train_loop
 from test_train import MemoryData, losses, small_recipe
 
@@ -35,7 +36,10 @@ def test_old_checkpoint_loads_for_inference_with_the_same_logits():
 def test_old_checkpoint_resumes_to_the_same_losses(tmp_path):
     shutil.copy(OLD_RUN / "last.pt", tmp_path / "last.pt")
     reference = json.loads((OLD_RUN / "expected_resume.json").read_text())
-    recipe = small_recipe(*reference["overrides"])
+    saved = torch.load(OLD_RUN / "last.pt", weights_only=True)["recipe"]  # the recipe it was trained with
+    saved["train"]["max_steps"] = 6
+    recipe = recipe_from_dict(saved)
+    assert recipe.to_dict() == small_recipe(*reference["overrides"], "model.decoder.projection=false").to_dict() | {"name": recipe.name}
     summary = train_loop(recipe, MemoryData(recipe), tmp_path, resume="auto")
     assert summary["step"] == 6
     assert losses(tmp_path) == [tuple(pair) for pair in reference["losses"]]

@@ -28,6 +28,7 @@ def test_base_figures_match_the_paper(tmp_path):
     assert near(c["encoder"]["gflops"], 94)  # ~94 GMACs with attention counted
     assert near(c["fpn"]["params"], 8e6) and near(c["fpn"]["gflops"], 9)  # Table VII(a)
     assert near(c["decoder"]["params"], 9e6) and near(c["decoder"]["gflops"], 50)  # Table V
+    assert 8.5e6 <= c["decoder"]["params"] <= 9.5e6 and near(c["decoder"]["gflops"], 50, 0.03)  # with the 1×1 projection
     assert c["total"]["params"] == sum(c[k]["params"] for k in ("encoder", "fpn", "decoder"))
     assert c["total"]["gflops"] == pytest.approx(sum(c[k]["gflops"] for k in ("encoder", "fpn", "decoder")))
 
@@ -37,7 +38,16 @@ def test_ablation_figures_match_the_paper():
     two_stages = count_flops(load_recipe("base", ["model.fpn.stages=[6,12]"]))["components"]["fpn"]
     assert near(two_stages["params"], 4e6) and near(two_stages["gflops"], 5)
     no_fusion = count_flops(load_recipe("base", ["model.decoder.shared_layers=0"]))["components"]["decoder"]
-    assert near(no_fusion["params"], 5e6) and near(no_fusion["gflops"], 46)
+    assert near(no_fusion["params"], 5e6) and near(no_fusion["gflops"], 46, 0.03)
+
+
+def test_the_projection_is_one_linear_1x1_conv_at_the_output_size():
+    with_projection = count_flops(load_recipe("tiny"))["components"]["decoder"]
+    without = count_flops(load_recipe("tiny", ["model.decoder.projection=false"]))["components"]["decoder"]
+    tiny = load_recipe("tiny")
+    dim, side = tiny.model.fpn.dim, tiny.model.image_size // 4
+    assert with_projection["params"] - without["params"] == dim * dim + dim
+    assert (with_projection["gflops"] - without["gflops"]) * 1e9 == pytest.approx(dim * dim * side * side)
 
 
 def test_sdpa_is_counted_in_a_real_trace():

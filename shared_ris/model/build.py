@@ -33,7 +33,7 @@ def build_fpn(cfg: ModelConfig) -> SharedFPN | NoFPN:
 
 def build_decoder(cfg: ModelConfig) -> SharedMaskDecoder:
     d = cfg.decoder
-    return SharedMaskDecoder(cfg.fpn.dim, d.num_heads, d.mlp_ratio, d.shared_layers, d.upsample_blocks)
+    return SharedMaskDecoder(cfg.fpn.dim, d.num_heads, d.mlp_ratio, d.shared_layers, d.upsample_blocks, d.projection)
 
 
 def build_model(recipe: Recipe | ModelConfig) -> SharedRIS:

@@ -47,12 +47,18 @@ class SharedMaskDecoder(nn.Module):
         mlp_ratio: hidden width of the shared MLP, relative to dim.
         shared_layers: number of shared transformer layers (paper: 1; 0 = "no fusion" ablation).
         upsample_blocks: l in eq. 10; output side = grid · 2**l.
+        projection: end the upsampling with a linear 1×1 conv, as CRIS's projector does (the
+            features dotted with the text vector are then not all ReLU outputs, i.e. not all ≥ 0);
+            Table V's decoder FLOPs count it.
     """
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, shared_layers: int, upsample_blocks: int) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, mlp_ratio: float, shared_layers: int, upsample_blocks: int, projection: bool = False
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(SharedBlock(dim, num_heads, mlp_ratio) for _ in range(shared_layers))
         self.upsample = nn.Sequential(*(UpsampleBlock(dim) for _ in range(upsample_blocks)))
+        self.projection = nn.Conv2d(dim, dim, kernel_size=1) if projection else None
         self.text_mlp = Mlp(dim, dim, dim)
         self.activation_checkpointing = False
 
@@ -65,6 +71,8 @@ class SharedMaskDecoder(nn.Module):
         grid = math.isqrt(num_vision_tokens - 1)
         # Not checkpointed: a recomputed BatchNorm would update its running statistics twice.
         feature_map = self.upsample(patches.transpose(1, 2).reshape(b, c, grid, grid))  # (B, C, H', W')
+        if self.projection is not None:
+            feature_map = self.projection(feature_map)
         text_cls = self.text_mlp(z[:, num_vision_tokens])  # (B, C): the <s> token
         logits = torch.einsum("bchw,bc->bhw", feature_map, text_cls)[:, None]
         return logits
