@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from shared_ris.data import prepare_synthetic
+from shared_ris.data.shard_index import write_index
 
 
 def make_data(folder: Path) -> Path:
@@ -51,7 +52,8 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
 
 
 def record_shard(data: Path, split: str, samples: int | None = None) -> None:
-    """Make the manifest agree with the split's (first) shard as it now is on disk."""
+    """Make the manifest and the shard's index agree with the split's (first) shard as it now is on
+    disk (the index only when the shard is still a readable tar), as a consistent forger would."""
     document = manifest(data)
     entry = document["splits"][split]
     path = data / entry["shards"][0]
@@ -62,6 +64,10 @@ def record_shard(data: Path, split: str, samples: int | None = None) -> None:
     if samples is not None:
         entry["samples"] = entry["shard_samples"][0] = samples
     document["shard_records"][path.name].update(bytes=len(content), sha256=entry["shard_sha256"][0])
+    try:
+        entry["shard_index_sha256"][0] = write_index(path)
+    except (tarfile.TarError, ValueError, KeyError):  # random bytes: no index can describe them
+        pass
     write_manifest(data, document)
 
 

@@ -1,6 +1,8 @@
-"""Streaming loaders over prepared shards: training batches and evaluation batches.
+"""Loaders over prepared shards: training batches and evaluation batches.
 
-Training stream, for reader g = rank·W + v of G = world_size·W (W = worker count, at least 1):
+Training over local shards reads every ref once per epoch in a fresh permutation, dealt to ranks
+like ``DistributedSampler`` (:mod:`.epoch_sampler`). Over a remote location (http, pipe:) it streams:
+for reader g = rank·W + v of G = world_size·W (W = worker count, at least 1):
 shard units in a (seed, epoch)-fixed order dealt round-robin → the refs training can learn from
 (flagged ones dropped from their JSON alone: an empty mask, no non-empty text) → shuffle buffer
 seeded by (seed, epoch, g, G) → one of their non-empty sentences from a seeded generator → batches
@@ -37,6 +39,7 @@ from .errors import DataError, short_repr
 from .location import DataLocation, data_location
 from .manifest import read_manifest, split_info, split_shards
 from .sample import Sample, parse_sample
+from .epoch_sampler import EpochReader, epoch_order, steps_per_epoch, worker_batches
 from .shard_reader import ShardInfo
 from .streams import batched, eval_units, make_units, read_units, train_units
 from .transforms import image_pixels, image_to_tensor, mask_pixels, normalize_
@@ -58,6 +61,8 @@ class StreamSettings:
     workers: int  # W >= 1: the stream depends on it, even when reading in the main process
     seed: int = 0
     shuffle_buffer: int = 1000
+    index_digests: list[str] | None = None  # local shards: read by index, every ref once per epoch
+    trainable: int = 0  # refs training learns from (the manifest's count)
 
 
 def _samples(units, text_field: str, max_empty: int | None = None) -> Iterator[Sample]:
@@ -106,21 +111,35 @@ class _TrainStream(torch.utils.data.IterableDataset):
             yield self._collate(batch)
 
     def _collate(self, batch: list[tuple[Sample, str]]) -> dict:
-        size = self.s.image_size
-        images = _batch_tensor((len(batch), 3, size, size), torch.float32)
-        masks = _batch_tensor((len(batch), 1, size, size), torch.float32)
-        for i, (sample, _) in enumerate(batch):
-            image = sample.image()
-            normalize_(images[i].copy_(image_pixels(image, size)))  # uint8 → float while copying
-            masks[i, 0].copy_(mask_pixels(sample.mask(image.size), size))
-        ids, padding = self.tokenizer([text for _, text in batch], pad_to=self.s.text_len)
-        return {
-            "images": images,
-            "text_ids": ids,
-            "text_padding_mask": padding,
-            "masks": masks,
-            "keys": [sample.key for sample, _ in batch],
-        }
+        return collate_train(batch, self.s, self.tokenizer)
+
+
+class _IndexedTrainStream(_TrainStream):
+    """Local shards: the epoch's permutation of every trainable ref (:mod:`.epoch_sampler`)."""
+
+    def _batches(self) -> Iterator[dict]:
+        s = self.s
+        info = torch.utils.data.get_worker_info()
+        reader = EpochReader(s.shards, s.index_digests, s.text_field, s.trainable)
+        try:
+            order = epoch_order(len(reader.refs), self.epoch, s.seed, s.rank, s.world_size)
+            for _, refs in worker_batches(order, s.batch_size, self.steps, self.start_step, info.id if info else 0, info.num_workers if info else 1):
+                yield collate_train(reader.batch(refs, self.epoch, s.seed), s, self.tokenizer)
+        finally:
+            reader.close()
+
+
+def collate_train(batch: list[tuple[Sample, str]], s: StreamSettings, tokenizer: Tokenizer) -> dict:
+    """Decode, resize and tokenise (sample, text) pairs into a training batch."""
+    size = s.image_size
+    images = _batch_tensor((len(batch), 3, size, size), torch.float32)
+    masks = _batch_tensor((len(batch), 1, size, size), torch.float32)
+    for i, (sample, _) in enumerate(batch):
+        image = sample.image()
+        normalize_(images[i].copy_(image_pixels(image, size)))  # uint8 → float while copying
+        masks[i, 0].copy_(mask_pixels(sample.mask(image.size), size))
+    ids, padding = tokenizer([text for _, text in batch], pad_to=s.text_len)
+    return {"images": images, "text_ids": ids, "text_padding_mask": padding, "masks": masks, "keys": [sample.key for sample, _ in batch]}
 
 
 def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -187,7 +206,8 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict]:
         if self.start_step >= self.steps_per_epoch:
             return iter(())
-        stream = _TrainStream(self.settings, self.tokenizer, self.epoch, self.start_step, self.steps_per_epoch)
+        kind = _TrainStream if self.settings.index_digests is None else _IndexedTrainStream
+        stream = kind(self.settings, self.tokenizer, self.epoch, self.start_step, self.steps_per_epoch)
         return _raise_marked_errors(_data_loader(stream, self.num_workers))  # each worker stops after its share
 
 
@@ -320,7 +340,8 @@ def build_train_loader(
         recipe: image size, text length, text field, shuffle buffer, seed, batch size, workers.
         tokenizer: a :class:`~shared_ris.Tokenizer` whose ``max_len`` is at most ``model.max_text_len``.
         rank, world_size: this process's place in DDP.
-        epoch: selects the shard order and shuffles; start_step: first batch to yield (resume).
+        epoch: selects the permutation (local shards) or the shard order and shuffles (remote);
+            start_step: first batch to yield (resume).
         num_workers: DataLoader workers (default ``recipe.data.num_workers``; 0 = main process).
         batch_size: per rank (default ``recipe.train.batch_size``).
         shards: other URLs for the same shards, in the manifest's order (brace pattern, list,
@@ -332,7 +353,11 @@ def build_train_loader(
     """
     settings, info, workers = _settings(data_dir, recipe.data.train_split, recipe, tokenizer, rank, world_size, num_workers, batch_size, shards)
     trainable = trainable_samples(info, settings.text_field, data_dir)
-    steps = trainable // (settings.batch_size * world_size)
+    if data_location(data_dir).is_local and shards is None:  # every ref once per epoch, read by index
+        settings.index_digests, settings.trainable = info["shard_index_sha256"], trainable
+        steps = steps_per_epoch(trainable, world_size, settings.batch_size)
+    else:  # a remote stream: refs as the shuffle buffer hands them out (see the module docstring)
+        steps = trainable // (settings.batch_size * world_size)
     if steps == 0:
         flagged = f" ({info['samples'] - trainable} of {info['samples']} flagged: empty mask or no '{settings.text_field}' text)" if trainable < info["samples"] else ""
         raise DataError(
@@ -367,7 +392,8 @@ def build_eval_loader(
 def train_steps_per_epoch(data_dir: str | Path, recipe: Recipe, world_size: int = 1, batch_size: int | None = None) -> int:
     """Batches per epoch per rank, from the manifest alone (an optimizer step takes ``train.accumulate_steps`` of them)."""
     info = split_info(read_manifest(data_dir), recipe.data.train_split, data_dir)
-    return trainable_samples(info, recipe.data.text_field, data_dir) // ((batch_size or recipe.train.batch_size) * world_size)
+    trainable, batch = trainable_samples(info, recipe.data.text_field, data_dir), batch_size or recipe.train.batch_size
+    return steps_per_epoch(trainable, world_size, batch) if data_location(data_dir).is_local else trainable // (batch * world_size)
 
 
 def trainable_samples(info: dict, text_field: str, where) -> int:

@@ -21,7 +21,7 @@ MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 256 << 20
 SHA256 = re.compile(r"[0-9a-f]{64}")
 COUNTS = ("samples", "sentences")
-PER_SHARD = {"shard_samples": int, "shard_sentences": int, "shard_bytes": int, "shard_sha256": str}
+PER_SHARD = {"shard_samples": int, "shard_sentences": int, "shard_bytes": int, "shard_sha256": str, "shard_index_sha256": str}
 RERUN = "re-run the same sris prepare command (it keeps the shards that match)"
 
 
@@ -98,8 +98,8 @@ def _check_split(name: str, info, where: str) -> None:
         check_shard_name(shard, where)
     for key, kind in PER_SHARD.items():
         values = info.get(key)
-        if values is None and key in ("shard_bytes", "shard_sha256"):
-            raise DataError(f"{where}: split {name} has no shard digests (prepared by an older shared-ris); {RERUN}")
+        if values is None and key in ("shard_bytes", "shard_sha256", "shard_index_sha256"):
+            raise DataError(f"{where}: split {name} has no shard digests or indexes (prepared by an older shared-ris); {RERUN}")
         typed = isinstance(values, list) and len(values) == len(shards) and all(_is_count(v) if kind is int else _is_digest(v) for v in values)
         _require(typed, where, f"split {name}: {key!r} must list one {kind.__name__} per shard")
     adds_up = sum(info["shard_samples"]) == info["samples"] and sum(info["shard_sentences"]) == info["sentences"]

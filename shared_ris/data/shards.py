@@ -26,6 +26,7 @@ from ..distributed import exit_with_parent
 from ..fileio import atomic_write, check_output_folder, confined, file_sha256
 from .errors import DataError
 from .location import check_shard_name
+from .shard_index import TEXT_FIELDS, index_name, write_index  # TEXT_FIELDS: data.text_field's choices
 from .manifest import MANIFEST, load_manifest_file, write_manifest
 
 DEFAULT_SHARD_SIZE = 1000
@@ -110,11 +111,11 @@ def write_shard(out_dir: str, job: ShardJob, make_sample: SampleMaker, strict: b
                 _tick()
     stats["bytes"] = final.stat().st_size
     stats["sha256"] = file_sha256(final)
+    stats["index_sha256"] = write_index(final)
     stats["image_ids"] = sorted(stats["image_ids"])
     return stats
 
 
-TEXT_FIELDS = ("sent", "raw")  # data.text_field's choices: what training can learn from depends on it
 
 
 def _no_flags() -> dict:
@@ -151,13 +152,19 @@ def _our_shards(out: Path, names) -> list[Path]:
 
 def _shard_intact(path: Path, stats: dict) -> bool:
     """A recorded shard is kept only if its file has the recorded size and SHA-256. A record from an
-    older version without a digest gets one when its size matches."""
+    older version without a digest gets one when its size matches; a kept shard whose index is
+    missing or not the recorded one gets its index rewritten."""
     if not path.is_file() or not isinstance(stats, dict) or path.stat().st_size != stats.get("bytes"):
         return False
     digest = file_sha256(path)
     if "sha256" not in stats:
         stats["sha256"] = digest
-    return stats["sha256"] == digest
+    if stats["sha256"] != digest:
+        return False
+    index = path.with_name(index_name(path.name))
+    if not index.is_file() or file_sha256(index) != stats.get("index_sha256"):
+        stats["index_sha256"] = write_index(path)
+    return True
 
 
 def _resume_state(out: Path, jobs: list[ShardJob], config: dict, overwrite: bool) -> dict[str, dict]:
@@ -173,9 +180,12 @@ def _resume_state(out: Path, jobs: list[ShardJob], config: dict, overwrite: bool
     names = {job.name for job in jobs}
     ours = names | set(records) if overwrite else names
     for shard in _our_shards(out, ours):
-        shard.with_name(shard.name + ".tmp").unlink(missing_ok=True)
+        index = shard.with_name(index_name(shard.name))
+        for leftover in (shard.with_name(shard.name + ".tmp"), index.with_name(index.name + ".tmp")):
+            leftover.unlink(missing_ok=True)
         if overwrite:
             shard.unlink(missing_ok=True)
+            index.unlink(missing_ok=True)
     if overwrite or not previous:
         return {}
     old = {**previous.get("config", {}), "sources": previous.get("sources")} if isinstance(previous.get("config"), dict) else None
@@ -272,6 +282,7 @@ def summarize(jobs: Iterable[ShardJob], done: dict[str, dict]) -> tuple[dict, li
         split["shard_sentences"].append(stats["sentences"])
         split["shard_bytes"].append(stats["bytes"])
         split["shard_sha256"].append(stats["sha256"])
+        split["shard_index_sha256"].append(stats["index_sha256"])
     for name, split in splits.items():
         split["images"] = len(images[name])
     return splits, skipped
@@ -297,7 +308,7 @@ def skip_counts(skipped: list[dict]) -> dict[str, int]:
 def _empty_split() -> dict:
     return {
         "samples": 0, "sentences": 0, "images": 0, "bytes": 0, **_no_flags(),
-        "shards": [], "shard_samples": [], "shard_sentences": [], "shard_bytes": [], "shard_sha256": [],
+        "shards": [], "shard_samples": [], "shard_sentences": [], "shard_bytes": [], "shard_sha256": [], "shard_index_sha256": [],
     }  # fmt: skip
 
 
