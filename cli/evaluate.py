@@ -73,7 +73,8 @@ def evaluate(
         "default", "--protocol",
         help="Preset: default = original size, σ > recipe τ, P@X with IoU > X, both masks empty = IoU 1 (what training's "
         "validation reports); lavt = 480² input size (ground truth resized with PIL nearest, as LAVT), σ > 0.5 (LAVT's argmax), "
-        "P@X with IoU ≥ X, both empty = IoU 0. --resolution / --threshold / --precision / --empty-iou override single choices.",
+        "P@X with IoU ≥ X, both empty = IoU 0; cris = original size through CRIS's bicubic resampling (σ, bicubic to the input, "
+        "inverse warp), σ > 0.35, IoU > X, both empty = IoU 0. --resolution / --threshold / --precision / --empty-iou override single choices.",
     ),
     resolution: Optional[Resolution] = typer.Option(None, "--resolution", help="Score masks at the image's original size or at the model's input size."),
     threshold: Optional[float] = typer.Option(None, "--threshold", help="τ on the probability map (default: the recipe's, 0.35)."),

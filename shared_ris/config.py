@@ -79,6 +79,7 @@ class LossConfig:
 @dataclass
 class DataConfig:
     text_field: str = "sent"  # "sent" (CRIS, cleaned) or "raw" (LAVT, as typed)
+    resize: str = "stretch"  # "stretch" (LAVT, BEiT-3) or "letterbox" (CRIS, CGFormer: aspect kept, padded)
     train_split: str = "train"
     val_split: str = "val"
     shuffle_buffer: int = 1000
@@ -319,5 +320,7 @@ def validate_recipe(recipe: Recipe) -> None:
         raise RecipeError(f"model.max_text_len must be in 3..{enc.max_text_positions - 2}")
     if recipe.data.text_field not in ("sent", "raw"):
         raise RecipeError("data.text_field must be 'sent' or 'raw'")
+    if recipe.data.resize not in ("stretch", "letterbox"):
+        raise RecipeError(f"data.resize must be 'stretch' or 'letterbox', got {recipe.data.resize!r}")
     if recipe.train.amp not in ("bf16", "fp16", "fp32"):
         raise RecipeError("train.amp must be one of bf16, fp16, fp32")

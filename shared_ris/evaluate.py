@@ -20,16 +20,18 @@ from .checkpoint import check_run, load_run
 from .data import DataError, build_eval_loader
 from .data.location import DataLocation, data_location
 from .data.manifest import read_manifest, split_info, split_shards
-from .data.transforms import mask_to_tensor
+from .data.transforms import content_box, mask_to_tensor
 from .device import autocast, check_device
 from .distributed import setup, teardown
 from .errors import SharedRISError
 from .fileio import confined
 from .metrics import MetricAccumulator
 from .model import logits_to_mask
+from .model.postprocess import cris_probabilities
 from .visualize import save_mask
 
 RESOLUTIONS = ("original", "input")
+RESAMPLINGS = ("bilinear", "cris")
 
 
 @dataclass(frozen=True)
@@ -44,18 +46,23 @@ class Protocol:
         inclusive: P@X counts IoU ≥ X (LAVT) instead of IoU > X.
         empty_iou: the IoU of an expression whose prediction and ground truth are both empty:
             1 (a correct "nothing there") or 0 (LAVT's ``test.py``: IoU 0 when the union is 0).
+        resampling: how logits reach the image's size: ``"bilinear"`` (ours) or ``"cris"`` (CRIS's
+            ``engine.py``: σ, bicubic to S×S with ``align_corners=True``, bicubic inverse warp).
     """
 
     resolution: str = "original"
     threshold: float | None = None
     inclusive: bool = False
     empty_iou: float = 1.0
+    resampling: str = "bilinear"
 
     def __post_init__(self) -> None:
         if self.resolution not in RESOLUTIONS:
             raise SharedRISError(f"resolution must be one of {', '.join(RESOLUTIONS)}, got {self.resolution!r}")
         if self.threshold is not None and not 0.0 < self.threshold < 1.0:
             raise SharedRISError(f"threshold must be a probability in (0, 1), got {self.threshold}")
+        if self.resampling not in RESAMPLINGS:
+            raise SharedRISError(f"resampling must be one of {', '.join(RESAMPLINGS)}, got {self.resampling!r}")
         if self.empty_iou not in (0.0, 1.0):
             raise SharedRISError(f"empty IoU (both masks empty) must be 1 or 0, got {self.empty_iou}")
         object.__setattr__(self, "empty_iou", float(self.empty_iou))  # 1 and 1.0 print and compare alike
@@ -70,7 +77,8 @@ class Protocol:
             where = f"{side}input size (ground truth resized, PIL nearest)"
         tau = "recipe τ" if self.threshold is None else f"{self.threshold:g}"
         comparison = "≥" if self.inclusive else ">"
-        return f"protocol: masks at {where}, σ>{tau}, P@X: IoU {comparison} X, both empty: IoU {self.empty_iou:g}, per expression"
+        resampled = ", CRIS's bicubic resampling" if self.resampling == "cris" else ""
+        return f"protocol: masks at {where}{resampled}, σ>{tau}, P@X: IoU {comparison} X, both empty: IoU {self.empty_iou:g}, per expression"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,6 +90,9 @@ class Protocol:
 PROTOCOLS = {
     "default": Protocol(),
     "lavt": Protocol(resolution="input", threshold=0.5, inclusive=True, empty_iou=0.0),
+    # CRIS's engine.py (CGFormer's too): σ → bicubic → inverse warp to the image, > 0.35, IoU = I/(U+1e-6)
+    # (0 for an empty union), P@X with IoU > X.
+    "cris": Protocol(resolution="original", threshold=0.35, inclusive=False, empty_iou=0.0, resampling="cris"),
 }
 
 
@@ -115,16 +126,20 @@ def evaluate_model(
     progress=None,
     on_mask: Callable[[str, int, torch.Tensor], None] | None = None,
     on_target: Callable[[str, torch.Tensor], None] | None = None,
+    resize: str = "stretch",
+    resampling: str = "bilinear",
 ) -> MetricAccumulator:
     """Score every expression the loader yields.
 
     ``resolution="original"`` scores at the image's own size against ``orig_masks``;
     ``"input"`` scores at the model's input size (S×S) against the mask resized as LAVT resizes it
-    (:func:`lavt_target`). Under torch.distributed every rank scores its share and the exact
-    integer records of all ranks are merged, so each rank returns the accumulator of the whole split.
-    ``progress(n)`` is called per batch with the batch's size. ``on_mask(key, sent_id, mask)`` gets
-    each scored prediction and ``on_target(key, target)`` each ground truth it was scored against
-    (bool, at the scoring resolution; once per expression), e.g. to save them.
+    (:func:`lavt_target`; letterboxed like the image when ``resize="letterbox"``). ``resampling``:
+    ``"bilinear"`` (ours) or ``"cris"`` (:func:`shared_ris.model.postprocess.cris_probabilities`).
+    Under torch.distributed every rank scores its share and the exact integer records of all ranks
+    are merged, so each rank returns the accumulator of the whole split. ``progress(n)`` is called
+    per batch with the batch's size. ``on_mask(key, sent_id, mask)`` gets each scored prediction and
+    ``on_target(key, target)`` each ground truth it was scored against (bool, at the scoring
+    resolution; once per expression), e.g. to save them.
     """
     if resolution not in RESOLUTIONS:
         raise ValueError(f"resolution must be 'original' or 'input', got {resolution!r}")
@@ -132,7 +147,7 @@ def evaluate_model(
     was_training = model.training
     model.eval()
     acc = MetricAccumulator()
-    resized: tuple[str | None, torch.Tensor | None] = (None, None)
+    targets = _Targets(resolution, resize)
     for batch in loader:
         with autocast(device, amp):
             logits = model(
@@ -141,11 +156,8 @@ def evaluate_model(
         logits = logits.float().cpu()
         side = batch["images"].shape[-1]
         for i, (key, sent_id) in enumerate(zip(batch["keys"], batch["sent_ids"])):
-            original = torch.as_tensor(batch["orig_masks"][i]).bool()
-            if resolution == "input" and resized[0] != key:  # a ref's sentences come one after another: resize once
-                resized = (key, lavt_target(original, side))
-            target = original if resolution == "original" else resized[1]
-            pred = logits_to_mask(logits[i], tuple(target.shape), threshold)
+            target = targets.get(key, torch.as_tensor(batch["orig_masks"][i]).bool(), side)
+            pred = _predicted_mask(logits[i], target.shape, threshold, resolution, resampling, targets.box, side)
             acc.add(f"{key}_{sent_id}", pred, target)
             if on_mask is not None:
                 on_mask(key, sent_id, pred)
@@ -159,6 +171,38 @@ def evaluate_model(
         dist.all_gather_object(gathered, acc.records())
         return MetricAccumulator.from_records([r for part in gathered for r in part])
     return MetricAccumulator.from_records(acc.records())
+
+
+class _Targets:
+    """The ground truth at the scoring resolution, made once per ref (its sentences come one after
+    another), and where the image lay in the model's input (``box``)."""
+
+    def __init__(self, resolution: str, resize: str) -> None:
+        self.resolution, self.resize = resolution, resize
+        self.key: str | None = None
+        self.target: torch.Tensor | None = None
+        self.box: tuple[int, int, int, int] | None = None
+
+    def get(self, key: str, original: torch.Tensor, side: int) -> torch.Tensor:
+        if key != self.key:
+            height, width = original.shape
+            self.key = key
+            self.box = content_box(height, width, side, self.resize) if self.resize == "letterbox" else None
+            if self.resolution == "original":
+                self.target = original
+            elif self.resize == "letterbox":
+                self.target = mask_to_tensor(original, side, "letterbox")[0].bool()
+            else:
+                self.target = lavt_target(original, side)
+        return self.target
+
+
+def _predicted_mask(logits, shape, threshold: float, resolution: str, resampling: str, box, side: int) -> torch.Tensor:
+    if resolution == "input":
+        return logits_to_mask(logits, tuple(shape), threshold)  # the whole S×S canvas, as the target
+    if resampling == "cris":
+        return cris_probabilities(logits, tuple(shape), box or (0, 0, side, side), side) > threshold
+    return logits_to_mask(logits, tuple(shape), threshold, box, side)
 
 
 def lavt_target(mask: torch.Tensor, side: int) -> torch.Tensor:
@@ -262,6 +306,7 @@ def evaluate_run(
             acc = evaluate_model(
                 model, loader, threshold=protocol.threshold, resolution=protocol.resolution, device=env.device,
                 amp=recipe.train.amp, progress=progress_of_split, on_mask=saver and saver.mask, on_target=saver and saver.target,
+                resize=recipe.data.resize, resampling=protocol.resampling,
             )  # fmt: skip
             _check_count(acc, loader.sentences, location, split)
             results[split] = acc.summary(inclusive=protocol.inclusive, empty_iou=protocol.empty_iou)

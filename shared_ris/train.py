@@ -213,7 +213,8 @@ def resume_from(path: Path, trainee: Trainee, recipe: Recipe, env: DistEnv, noti
 def validate(trainee: Trainee, batches: Iterable[dict], recipe: Recipe) -> dict:
     """Score every val expression with ``sris eval``'s default protocol → {oIoU, mIoU, P@X, n}."""
     summary = evaluate_model(
-        trainee.model, batches, threshold=recipe.model.threshold, resolution="original", device=trainee.device, amp=trainee.amp
+        trainee.model, batches, threshold=recipe.model.threshold, resolution="original", device=trainee.device, amp=trainee.amp,
+        resize=recipe.data.resize,
     ).summary()
     return {k: summary[k] for k in VAL_KEYS}
 

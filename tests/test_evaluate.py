@@ -43,7 +43,7 @@ def single(run, data_dir):
 def test_report_layout_and_ranges(single, run, data_dir):
     assert single["checkpoint"] == str(run)
     assert single["protocol"] == {
-        "resolution": "original", "threshold": 0.35, "inclusive": False, "empty_iou": 1.0, "image_size": 128,
+        "resolution": "original", "threshold": 0.35, "inclusive": False, "empty_iou": 1.0, "resampling": "bilinear", "image_size": 128,
         "description": "protocol: masks at original size, σ>0.35, P@X: IoU > X, both empty: IoU 1, per expression",
     }  # fmt: skip
     assert list(single["splits"]) == ["val", "test"]
@@ -79,8 +79,11 @@ def test_protocol_presets_and_overrides():
     assert resolve_protocol("lavt", empty_iou=1) == Protocol("input", 0.5, True, 1.0)
     with pytest.raises(SharedRISError, match="must be 1 or 0"):
         Protocol(empty_iou=0.5)
+    assert PROTOCOLS["cris"] == Protocol("original", 0.35, False, 0.0, "cris")
     with pytest.raises(SharedRISError, match="unknown protocol"):
-        resolve_protocol("cris")
+        resolve_protocol("mattnet")
+    with pytest.raises(SharedRISError, match="resampling"):
+        Protocol(resampling="nearest")
     with pytest.raises(SharedRISError, match="threshold"):
         Protocol(threshold=1.5)
     with pytest.raises(SharedRISError, match="resolution"):

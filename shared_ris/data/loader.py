@@ -61,6 +61,7 @@ class StreamSettings:
     workers: int  # W >= 1: the stream depends on it, even when reading in the main process
     seed: int = 0
     shuffle_buffer: int = 1000
+    resize: str = "stretch"  # data.resize: stretch or letterbox
     index_digests: list[str] | None = None  # local shards: read by index, every ref once per epoch
     trainable: int = 0  # refs training learns from (the manifest's count)
 
@@ -136,8 +137,8 @@ def collate_train(batch: list[tuple[Sample, str]], s: StreamSettings, tokenizer:
     masks = _batch_tensor((len(batch), 1, size, size), torch.float32)
     for i, (sample, _) in enumerate(batch):
         image = sample.image()
-        normalize_(images[i].copy_(image_pixels(image, size)))  # uint8 → float while copying
-        masks[i, 0].copy_(mask_pixels(sample.mask(image.size), size))
+        normalize_(images[i].copy_(image_pixels(image, size, s.resize)))  # uint8 → float while copying
+        masks[i, 0].copy_(mask_pixels(sample.mask(image.size), size, s.resize))
     ids, padding = tokenizer([text for _, text in batch], pad_to=s.text_len)
     return {"images": images, "text_ids": ids, "text_padding_mask": padding, "masks": masks, "keys": [sample.key for sample, _ in batch]}
 
@@ -241,7 +242,7 @@ class _EvalStream(torch.utils.data.IterableDataset):
         for sample in samples:
             image = sample.image()
             mask = torch.from_numpy(sample.mask_array(image.size))
-            pixels = image_to_tensor(image, self.s.image_size)
+            pixels = image_to_tensor(image, self.s.image_size, self.s.resize)
             for sentence in sample.sentences:
                 yield {"image": pixels, "mask": mask, "key": sample.key, "sent_id": sentence["sent_id"], "text": sentence[self.s.text_field]}
 
@@ -303,6 +304,7 @@ def _settings(data_dir, split, recipe: Recipe, tokenizer: Tokenizer, rank, world
         workers=max(1, workers),
         seed=recipe.train.seed,
         shuffle_buffer=max(1, recipe.data.shuffle_buffer),
+        resize=recipe.data.resize,
     )
     return settings, info, workers
 

@@ -1,8 +1,11 @@
 """Image and mask ↔ tensor conversions shared by the loader and the predictor.
 
 BEiT-3 fine-tuning resizes to a square S×S with bicubic interpolation (no aspect preservation) and
-normalises with mean = std = 0.5 (``beit3.md``, Images). Masks are resized with nearest neighbour so
-they stay binary. Nothing here flips: a flip would contradict "left"/"right" in the expression.
+normalises with mean = std = 0.5 (``beit3.md``, Images): ``data.resize: stretch``. CRIS and CGFormer
+keep the aspect ratio and pad (``letterbox``): the image is scaled by min(S/h, S/w) to
+(round(h·s), round(w·s)) and placed at the centre (integer offsets, :func:`letterbox_box`) of an
+S×S canvas of the mean colour (0 once normalised). Masks are resized with nearest neighbour so they
+stay binary. Nothing here flips: a flip would contradict "left"/"right" in the expression.
 """
 
 from __future__ import annotations
@@ -16,6 +19,21 @@ import torch
 from PIL import Image, ImageOps
 
 MEAN = STD = 0.5
+RESIZES = ("stretch", "letterbox")
+PAD_GRAY = 128  # the canvas around a letterboxed image: (128/255 − 0.5) / 0.5 ≈ 0 once normalised
+
+
+def letterbox_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """(top, left, new_height, new_width) of an image of ``height`` × ``width`` letterboxed into
+    ``size`` × ``size``: scaled by min(size/h, size/w), centred, at integer pixels."""
+    scale = min(size / height, size / width)
+    new_h, new_w = max(1, min(size, round(height * scale))), max(1, min(size, round(width * scale)))
+    return (size - new_h) // 2, (size - new_w) // 2, new_h, new_w
+
+
+def content_box(height: int, width: int, size: int, resize: str) -> tuple[int, int, int, int]:
+    """Where the image lies in the S×S input: the whole canvas when stretched."""
+    return letterbox_box(height, width, size) if resize == "letterbox" else (0, 0, size, size)
 
 
 def load_image(source: bytes | str | Path | BinaryIO | Image.Image, exif_transpose: bool = True) -> Image.Image:
@@ -47,8 +65,14 @@ def resize_image(image: Image.Image, size: int) -> Image.Image:
     return image if image.size == (size, size) else image.resize((size, size), Image.BICUBIC)
 
 
-def image_pixels(image: Image.Image, size: int) -> torch.Tensor:
-    """RGB PIL image → bicubic-resized (3, size, size) uint8 tensor (pass it to :func:`normalize_`)."""
+def image_pixels(image: Image.Image, size: int, resize: str = "stretch") -> torch.Tensor:
+    """RGB PIL image → bicubic-resized (3, size, size) uint8 tensor (pass it to :func:`normalize_`),
+    stretched or letterboxed (``resize``)."""
+    if resize == "letterbox":
+        top, left, new_h, new_w = letterbox_box(image.height, image.width, size)
+        canvas = Image.new("RGB", (size, size), (PAD_GRAY,) * 3)
+        canvas.paste(image.resize((new_w, new_h), Image.BICUBIC), (left, top))
+        image = canvas
     return torch.from_numpy(np.array(resize_image(image, size), dtype=np.uint8)).permute(2, 0, 1)
 
 
@@ -57,9 +81,10 @@ def normalize_(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.mul_(1.0 / (255.0 * STD)).sub_(MEAN / STD)
 
 
-def image_to_tensor(image: Image.Image, size: int) -> torch.Tensor:
-    """RGB PIL image → (3, size, size) float32, bicubic-resized, normalised with mean = std = 0.5."""
-    return normalize_(image_pixels(image, size).to(dtype=torch.float32, memory_format=torch.contiguous_format))
+def image_to_tensor(image: Image.Image, size: int, resize: str = "stretch") -> torch.Tensor:
+    """RGB PIL image → (3, size, size) float32, bicubic-resized (stretched or letterboxed),
+    normalised with mean = std = 0.5."""
+    return normalize_(image_pixels(image, size, resize).to(dtype=torch.float32, memory_format=torch.contiguous_format))
 
 
 def load_mask(source: bytes | str | Path | BinaryIO) -> np.ndarray:
@@ -68,19 +93,24 @@ def load_mask(source: bytes | str | Path | BinaryIO) -> np.ndarray:
     return (np.asarray(mask.convert("L")) > 127).astype(np.uint8)
 
 
-def mask_to_tensor(mask: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
+def mask_to_tensor(mask: np.ndarray | torch.Tensor, size: int, resize: str = "stretch") -> torch.Tensor:
     """(H, W) binary mask → (1, size, size) float32 in {0, 1}, nearest-neighbour resized."""
     array = mask.numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-    return mask_pixels(Image.fromarray((array > 0).astype(np.uint8)), size).to(torch.float32)[None]
+    return mask_pixels(Image.fromarray((array > 0).astype(np.uint8)), size, resize).to(torch.float32)[None]
 
 
-def mask_pixels(mask: bytes | Image.Image, size: int) -> torch.Tensor:
+def mask_pixels(mask: bytes | Image.Image, size: int, resize: str = "stretch") -> torch.Tensor:
     """A stored mask (PNG bytes or a PIL image, any value > 0 is foreground) → (size, size) uint8 in
-    {0, 1}, nearest-neighbour resized without a detour through a full-size array."""
+    {0, 1}, nearest-neighbour resized (stretched or letterboxed) without a full-size array."""
     image = Image.open(io.BytesIO(mask)) if isinstance(mask, bytes) else mask
     if image.mode not in ("L", "1"):
         image = image.convert("L")
-    if image.size != (size, size):
+    if resize == "letterbox":
+        top, left, new_h, new_w = letterbox_box(image.height, image.width, size)
+        canvas = Image.new("L", (size, size), 0)
+        canvas.paste(image.resize((new_w, new_h), Image.NEAREST), (left, top))
+        image = canvas
+    elif image.size != (size, size):
         image = image.resize((size, size), Image.NEAREST)
     return torch.from_numpy(np.array(image, dtype=np.uint8) > 0).to(torch.uint8)
 
