@@ -6,7 +6,10 @@ A RefCOCO-like fixture is generated first (640×480 photos-like JPEGs, COCO poly
 vertices, a protocol-2 refs pickle). Then, alternating, ``--runs`` times each:
 
 - prepare: ``prepare_refer`` → shards, with ``--workers`` processes;
-- loader: ``build_train_loader`` at ``--size`` px with ``--workers`` DataLoader workers;
+- loader: ``build_train_loader`` at ``--size`` px with ``--workers`` DataLoader workers (local shards:
+  every ref once per epoch, read by index);
+- stream: the same loader given the shards as a list of locations, which streams them as it does
+  remote data (what the loader did for local shards too before the epoch sampler);
 - baseline: what the refer API + LAVT's dataset do per ``__getitem__`` with the JSON loaded once:
   look up ref → annotation → image, open the image file, rasterise the polygons with pycocotools
   (refer's ``getMask``), pick a sentence, resize (bicubic / nearest), convert and normalise, through
@@ -161,16 +164,18 @@ def main() -> None:
         tokenizer = Tokenizer(train_tokenizer(root / "spm.model"), max_len=20)
         recipe = load_recipe("base", [f"model.image_size={args.size}", f"train.batch_size={args.batch}", f"data.num_workers={args.workers}"])
         baseline_set = ReferBaseline(refer_root, images_dir, instances, args.size, tokenizer)
-        results = {"prepare": [], "loader": [], "baseline": [], "loader_cpu": [], "baseline_cpu": []}
+        results = {name: [] for name in ("prepare", "loader", "stream", "baseline", "loader_cpu", "stream_cpu", "baseline_cpu")}
         for run in range(args.runs):
             start = time.perf_counter()
             prepare_refer("refcoco", refer_root, images_dir, root / "shards", shard_size=50, workers=args.workers, overwrite=True)
             results["prepare"].append(args.refs / (time.perf_counter() - start))
+            shard_paths = sorted(str(p) for p in (root / "shards").glob("*-train-*.tar"))
             contenders = {
                 "loader": lambda: build_train_loader(root / "shards", recipe, tokenizer, epoch=run),
+                "stream": lambda: build_train_loader(root / "shards", recipe, tokenizer, epoch=run, shards=shard_paths),
                 "baseline": lambda: torch.utils.data.DataLoader(baseline_set, batch_size=args.batch, shuffle=True, num_workers=args.workers, drop_last=True),
             }
-            for name in sorted(contenders, reverse=run % 2 == 1):  # alternate who goes first
+            for name in sorted(contenders, reverse=run % 2 == 1):  # alternate the order
                 rate, cpu = timed_epoch(contenders[name])
                 results[name].append(rate)
                 results[f"{name}_cpu"].append(cpu)
@@ -179,10 +184,12 @@ def main() -> None:
         paired = statistics.median(a / b for a, b in zip(results["loader"], results["baseline"]))
         print(f"\n{args.refs} refs, 640x480 JPEGs, {args.workers} workers, batch {args.batch}, {args.size} px, median of {args.runs}")
         print(f"prepare   {median['prepare']:8.1f} refs/s")
-        print(f"loader    {median['loader']:8.1f} samples/s   {median['loader_cpu']:6.2f} CPU ms/sample")
+        print(f"loader    {median['loader']:8.1f} samples/s   {median['loader_cpu']:6.2f} CPU ms/sample   (every ref once per epoch, by index)")
+        print(f"stream    {median['stream']:8.1f} samples/s   {median['stream_cpu']:6.2f} CPU ms/sample   (the streaming loader)")
         print(f"baseline  {median['baseline']:8.1f} samples/s   {median['baseline_cpu']:6.2f} CPU ms/sample   (refer API + LAVT-style dataset)")
         print(f"ratio     {median['loader'] / median['baseline']:8.2f} x (samples/s; median of per-run ratios {paired:.2f} x)"
               f"   {median['baseline_cpu'] / median['loader_cpu']:.2f} x less CPU per sample")
+        print(f"loader / stream {median['loader'] / median['stream']:.2f} x samples/s, {median['stream_cpu'] / median['loader_cpu']:.2f} x less CPU per sample")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
