@@ -113,3 +113,26 @@ def test_a_damaged_index_or_shard_is_one_line(data, tmp_path):
     shard.write_bytes(bytes(content))
     with pytest.raises(DataError, match=f"{name}: member .* does not match the index"):
         epoch_keys(copy, recipe_for(), epoch=0, world_size=1, workers=0)
+
+
+def test_indexing_a_foreign_shard_never_crashes(tmp_path):
+    """A malformed sample is marked trainable (the sample check names it); a member without KEY.EXT is one DataError."""
+    import io
+    import tarfile
+
+    from shared_ris.data.shard_index import build_index
+
+    def shard(members: dict[str, bytes]):
+        path = tmp_path / "s.tar"
+        with tarfile.open(path, "w") as tar:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return path
+
+    malformed = {"a.json": b'{"sentences": ["a string"]}', "b.json": b"not json", "c.json": b'{"sentences": [{"sent": "x"}]}'}
+    samples = build_index(shard(malformed))["samples"]
+    assert [s["trainable"] for s in samples] == [["sent", "raw"], ["sent", "raw"], ["sent"]]
+    with pytest.raises(DataError, match="KEY.EXT"):
+        build_index(shard({"nodot": b"x"}))

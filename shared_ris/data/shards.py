@@ -15,6 +15,7 @@ import multiprocessing
 import json
 import os
 import signal
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -116,8 +117,6 @@ def write_shard(out_dir: str, job: ShardJob, make_sample: SampleMaker, strict: b
     return stats
 
 
-
-
 def _no_flags() -> dict:
     return {
         "empty_mask_samples": 0,
@@ -163,7 +162,10 @@ def _shard_intact(path: Path, stats: dict) -> bool:
         return False
     index = path.with_name(index_name(path.name))
     if not index.is_file() or file_sha256(index) != stats.get("index_sha256"):
-        stats["index_sha256"] = write_index(path)
+        try:
+            stats["index_sha256"] = write_index(path)
+        except (DataError, tarfile.TarError):  # not a shard we wrote: rebuild it
+            return False
     return True
 
 
