@@ -8,6 +8,7 @@ import shared_ris
 
 from .common import fail
 from .evaluate import evaluate
+from .export import export
 from .flops import flops
 from .predict import predict
 from .prepare import prepare_app
@@ -33,11 +34,12 @@ def _root(
         raise typer.Exit()
 
 
-# In the order of a project: data, training, scores, use, cost.
+# In the order of a project: data, training, scores, use, deployment, cost.
 app.add_typer(prepare_app, name="prepare")
 app.command()(train)
 app.command("eval")(evaluate)
 app.command()(predict)
+app.command()(export)
 app.command()(flops)
 
 

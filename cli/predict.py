@@ -19,7 +19,9 @@ from .common import console, err_console, user_errors
 def predict(
     path: Path = typer.Argument(..., help="An image, or a folder of images."),
     text: Optional[str] = typer.Argument(None, help="What to segment, e.g. 'the red cup' (optional with --prompts)."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="A trained run's best.pt or last.pt."),
+    checkpoint: Path = typer.Option(
+        ..., "--checkpoint", "-c", help="A trained run's best.pt or last.pt, a bundle folder, or an .onnx file (sris export).",
+    ),
     out: Path = typer.Option(Path("predictions"), "--out", "-o", help="Output folder (created; files of a re-run are overwritten)."),
     prompts: Optional[Path] = typer.Option(
         None, "--prompts", help="Per-image texts: JSON lines {\"file\": ..., \"text\": ...} or a CSV with a file,text header; "
@@ -37,6 +39,13 @@ def predict(
     attention: bool = typer.Option(False, "--attention", help="Also write the text-cls attention of the encoder, FPN and decoder (Fig. 7)."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Also look in sub-folders (kept as sub-folders of --out)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Sentencepiece model (default: the one recorded in or beside the checkpoint)."),
+    runtime: Optional[str] = typer.Option(
+        None, "--runtime", help="torch (a run's checkpoint or a bundle) or onnx (an .onnx file from sris export, ONNX Runtime on the CPU; "
+        "no --attention). Default: what --checkpoint is.",
+    ),
+    precision: str = typer.Option(
+        "fp32", "--precision", help="torch runtime: fp32, or bf16 (autocast; on GPUs and on CPUs with bf16 instructions).",
+    ),
 ) -> None:
     """Segment what TEXT refers to in each image: NAME.mask.png, NAME.overlay.jpg and predictions.jsonl.
 
@@ -51,6 +60,7 @@ def predict(
         summary = predict_folder(
             path, text, checkpoint, out_dir=out, prompts=prompts, batch_size=batch_size, device=device,
             attention=attention, recursive=recursive, tokenizer=tokenizer, max_pixels=max_pixels, batch_pixels=batch_pixels,
+            runtime=runtime, precision=precision,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
             warn=lambda message: err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False),
         )  # fmt: skip

@@ -87,8 +87,13 @@ def read_trained(path: str | Path) -> TrainedCheckpoint:
     """Read and validate a checkpoint written by ``sris train`` (``weights_only``, on the CPU).
 
     The file is memory-mapped: tensors are read when used, so the optimizer state that ``last.pt``
-    also holds is never loaded, and checking a checkpoint costs almost nothing."""
+    also holds is never loaded, and checking a checkpoint costs almost nothing. A folder is read
+    as a model bundle (:func:`shared_ris.bundle.read_bundle`: safetensors, never unpickled)."""
     path = Path(path)
+    if path.is_dir():
+        from .bundle import read_bundle  # the bundle module builds on this one
+
+        return read_bundle(path)
     obj = load_torch_file(path, "pass a run's best.pt or last.pt (written by sris train)", mmap=True)
     if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("recipe"), dict)):
         inner = (obj.get("model") or obj.get("module") or obj) if isinstance(obj, dict) else None
@@ -176,7 +181,8 @@ def load_tokenizer(path: str | Path, recipe: Recipe) -> Tokenizer:
 def _checkpoint_and_tokenizer(checkpoint, tokenizer, data_dir) -> tuple[TrainedCheckpoint, Tokenizer]:
     trained = read_trained(checkpoint)
     recorded = trained.meta.get("tokenizer_path")
-    tokenizer_path = find_tokenizer(checkpoint, tokenizer, recorded=recorded if isinstance(recorded, str) else None, data_dir=data_dir)
+    # trained.path: the weights file, whose folder holds the tokenizer (a bundle's model.safetensors)
+    tokenizer_path = find_tokenizer(trained.path, tokenizer, recorded=recorded if isinstance(recorded, str) else None, data_dir=data_dir)
     return trained, load_tokenizer(tokenizer_path, trained.recipe)
 
 

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 import yaml
 
-from .errors import SharedRISError
+from .errors import SharedRISError, first_line
 
 
 class RecipeError(SharedRISError):
@@ -133,8 +133,7 @@ def _parse_yaml(text_source, where: str) -> dict:
     try:
         tree = yaml.safe_load(text_source.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:  # safe_load builds plain data only, never objects
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RecipeError(f"{where}: not a readable YAML recipe ({first})") from None
+        raise RecipeError(f"{where}: not a readable YAML recipe ({first_line(exc)})") from None
     if not isinstance(tree, dict):
         raise RecipeError(f"{where}: a recipe must be a mapping of sections (model, loss, data, train), got {type(tree).__name__}")
     return tree

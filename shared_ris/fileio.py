@@ -11,7 +11,7 @@ from typing import BinaryIO, Iterator
 
 import torch
 
-from .errors import CheckpointError, SharedRISError
+from .errors import CheckpointError, SharedRISError, first_line
 
 
 class UnsafePathError(SharedRISError):
@@ -52,6 +52,21 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """``path.tmp`` for a writer that takes a file name (safetensors, ONNX); on success flushed to
+    disk, given the umask's permissions (such writers may create it private) and renamed over ``path``."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    yield tmp
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     with atomic_write(path) as handle:
         handle.write(data)
@@ -72,9 +87,21 @@ def load_torch_file(path: str | Path, missing_hint: str, mmap: bool = False):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # corrupt or truncated file, pickled non-tensor objects, not a torch file at all
-        text = str(exc).strip()
-        first = (text.splitlines()[0] if text else type(exc).__name__)[:160]
-        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({first})") from None
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({first_line(exc, 160)})") from None
+
+
+def read_small_text(path: str | Path, max_bytes: int, fix: str, error: type[SharedRISError] = SharedRISError) -> str:
+    """UTF-8 text of a small file a user hands us (a recipe, an eval JSON); a missing, oversized
+    or binary file is one ``error`` line naming it, ending with ``fix``."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: file not found; {fix}")
+    if path.stat().st_size > max_bytes:
+        raise error(f"{path}: {path.stat().st_size:,} bytes, too large for what it should hold; {fix}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{path}: not UTF-8 text; {fix}") from None
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -16,10 +16,9 @@ from typing import Callable, Iterator
 import torch
 from PIL import Image
 
-from .device import check_device
 from .errors import SharedRISError
 from .fileio import UnsafePathError, check_output_folder, confined
-from .predictor import DEFAULT_MAX_PIXELS, ImageReadError, Prediction, Predictor, open_image
+from .predictor import DEFAULT_MAX_PIXELS, ImageReadError, Prediction, Predictor, check_inference_options, open_image
 from .visualize import overlay_attention, overlay_mask, save_mask
 
 # Files with these suffixes are treated as images; anything else in a folder is ignored (and counted).
@@ -307,6 +306,8 @@ def predict_folder(
     batch_pixels: int = DEFAULT_BATCH_PIXELS,
     progress: Callable[[int, int], None] | None = None,
     warn: Callable[[str], None] | None = None,
+    runtime: str | None = None,
+    precision: str = "fp32",
 ) -> PredictSummary:
     """Segment ``text`` (or the prompts file's texts) in one image or every image of a folder.
 
@@ -317,16 +318,19 @@ def predict_folder(
     ``max_pixels`` pixels (``None``: no limit), are skipped and listed in ``summary.skipped``; files
     without an image suffix are ignored (``summary.ignored``). A batch holds at most ``batch_size``
     (image, text) pairs and ``batch_pixels`` decoded pixels (or one image, if larger).
-    ``progress(done, total)`` is called per image, ``warn(message)`` for truncated texts. Bad
+    ``progress(done, total)`` is called per image, ``warn(message)`` for truncated texts.
+    ``checkpoint`` is a run's checkpoint or a bundle folder (``runtime`` torch, ``precision`` fp32
+    or bf16) or an exported ``.onnx`` file (``runtime`` onnx); the files written are the same. Bad
     arguments and prompts raise :class:`SharedRISError` before the model loads.
     """
     path, out_dir = Path(path), Path(out_dir)
-    _check_options(text, prompts, device, batch_size=batch_size, max_pixels=max_pixels, batch_pixels=batch_pixels)
+    _check_options(text, prompts, batch_size=batch_size, max_pixels=max_pixels, batch_pixels=batch_pixels)
+    runtime = check_inference_options(checkpoint, runtime, precision, device, attention)
     check_output_folder(out_dir, "--out")
     prompts_file = Path(prompts) if prompts is not None else None
     entries = read_prompt_entries(prompts_file) if prompts_file is not None else None
     jobs, ignored, missing = plan_jobs(path, text, entries, recursive, out_dir, prompts_file)
-    predictor = Predictor.from_checkpoint(checkpoint, tokenizer, device)
+    predictor = Predictor.from_checkpoint(checkpoint, tokenizer, device, runtime=runtime, precision=precision)
     _warn_truncated(predictor, jobs, warn)
 
     summary = PredictSummary(out_dir, skipped=list(missing), ignored=[str(f) for f in ignored])
@@ -341,7 +345,7 @@ def predict_folder(
     return summary
 
 
-def _check_options(text: str | None, prompts, device: str, **at_least_one: int | None) -> None:
+def _check_options(text: str | None, prompts, **at_least_one: int | None) -> None:
     for option, value in at_least_one.items():
         if value is not None and value < 1:
             raise SharedRISError(f"--{option.replace('_', '-')} must be at least 1, got {value}")
@@ -349,7 +353,6 @@ def _check_options(text: str | None, prompts, device: str, **at_least_one: int |
         raise SharedRISError("give a TEXT such as 'the red cup' or a --prompts FILE")
     if text is not None:
         check_text(text)
-    check_device(device)
 
 
 def _make_folder(folder: Path) -> None:

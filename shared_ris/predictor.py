@@ -4,11 +4,17 @@ segment-anything's ``SamPredictor``. Folders, prompt files and output files are 
 The predictor owns the image↔model resizing, as segment-anything's does: an image is resized once
 to S×S (bicubic, mean = std = 0.5, as BEiT-3 fine-tuning does), and the mask logits are resized
 bilinearly back to the image's own size and thresholded at the recipe's τ.
+
+Two runtimes give the logits, with everything around them shared (same masks, same files):
+``torch`` (a run's ``best.pt`` or a bundle folder; precision ``fp32`` or ``bf16`` autocast where the
+device computes in bf16) and ``onnx`` (a file from ``sris export --format onnx``, fp32 or int8,
+through ONNX Runtime on the CPU; no attention maps: those come from torch forward hooks).
 """
 
 from __future__ import annotations
 
 import contextlib
+import platform
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,10 +24,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .checkpoint import load_run
+from .checkpoint import load_run, load_tokenizer
 from .data.transforms import image_to_tensor, load_image
 from .device import check_device
-from .errors import SharedRISError
+from .errors import SharedRISError, first_line
 from .model import SharedRIS, upsample_probabilities
 from .tokenizer import Tokenizer
 
@@ -76,8 +82,7 @@ def _read_errors(path: Path) -> Iterator[None]:
     except FileNotFoundError:
         raise ImageReadError(path, "file not found") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ImageReadError(path, f"cannot read image ({detail})") from None
+        raise ImageReadError(path, f"cannot read image ({first_line(exc)})") from None
 
 
 def check_pixels(path: Path, size: tuple[int, int], max_pixels: int | None) -> None:
@@ -109,28 +114,119 @@ class Prediction:
         return int(self.mask.sum())
 
 
+RUNTIMES = ("torch", "onnx")
+PRECISIONS = ("fp32", "bf16")
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (x86 AVX512-BF16 or AMX, Arm's BF16 extension); without
+    it oneDNN emulates bf16 and autocast is slower than fp32."""
+    x86 = any(getattr(torch.cpu, check, lambda: False)() for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    if x86 or platform.machine().lower() not in ("aarch64", "arm64"):
+        return x86
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_runtime(checkpoint: str | Path, runtime: str | None) -> str:
+    """The runtime for ``checkpoint``: ``onnx`` for an ``.onnx`` file, else ``torch``; a runtime
+    that cannot run that file is one line."""
+    is_onnx = Path(checkpoint).suffix.lower() == ".onnx"
+    if runtime is None:
+        return "onnx" if is_onnx else "torch"
+    if runtime not in RUNTIMES:
+        raise SharedRISError(f"--runtime {runtime}: choose one of {', '.join(RUNTIMES)}")
+    if runtime == "torch" and is_onnx:
+        raise SharedRISError(f"{checkpoint}: an ONNX model runs with --runtime onnx; --runtime torch needs a run's best.pt or a bundle folder")
+    if runtime == "onnx" and not is_onnx:
+        raise SharedRISError(
+            f"--runtime onnx runs an exported model, not {checkpoint}: sris export --checkpoint {checkpoint} --format onnx --out model.onnx, "
+            "then --checkpoint model.onnx"
+        )
+    return runtime
+
+
+def check_precision(precision: str, device: str | torch.device, runtime: str = "torch") -> None:
+    """One line when ``precision`` cannot run here: an unknown name, bf16 for an ONNX model (its
+    precision is fixed at export), or bf16 on a device without bf16 arithmetic."""
+    if precision not in PRECISIONS:
+        raise SharedRISError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return
+    if runtime == "onnx":
+        raise SharedRISError("--precision bf16 is a torch runtime setting; an ONNX model runs as exported (fp32, or int8 with sris export --quantize int8)")
+    if torch.device(device).type == "cuda":
+        if not torch.cuda.is_bf16_supported():
+            raise SharedRISError("--precision bf16: this GPU has no bf16 arithmetic (before Ampere); use --precision fp32")
+    elif not cpu_computes_bf16():
+        raise SharedRISError(
+            "--precision bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 would be emulated and slower than fp32; "
+            "use --precision fp32, or an int8 ONNX model (sris export --quantize int8)"
+        )
+
+
+def check_inference_options(checkpoint: str | Path, runtime: str | None, precision: str, device: str, attention: bool = False) -> str:
+    """Every runtime / precision / device / attention check, before anything loads; returns the runtime."""
+    check_device(device)
+    runtime = resolve_runtime(checkpoint, runtime)
+    if runtime == "onnx" and torch.device(device).type != "cpu":
+        raise SharedRISError(f"--device {device}: ONNX models run on the CPU here; use --runtime torch with the run's checkpoint on a GPU")
+    if runtime == "onnx" and attention:
+        raise SharedRISError("--attention needs --runtime torch: the maps come from torch forward hooks, which an ONNX graph does not run")
+    check_precision(precision, device, runtime)
+    return runtime
+
+
 class Predictor:
     """Segment what a text refers to in images.
 
     Args:
-        model: a trained :class:`SharedRIS` (put in eval mode here).
+        model: a trained :class:`SharedRIS` (put in eval mode here), or an
+            :class:`~shared_ris.onnx_model.OnnxModel` (ONNX Runtime, CPU).
         tokenizer: the tokenizer the model was trained with.
         device: where the model runs; the model is moved there.
         threshold: τ on σ(logits); ``None`` uses ``model.threshold`` (the recipe's).
+        precision: ``fp32``, or ``bf16`` (torch autocast; only where the device computes in bf16).
     """
 
-    def __init__(self, model: SharedRIS, tokenizer: Tokenizer, device: str | torch.device = "cpu", threshold: float | None = None) -> None:
+    def __init__(
+        self, model, tokenizer: Tokenizer, device: str | torch.device = "cpu", threshold: float | None = None, precision: str = "fp32"
+    ) -> None:
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.runtime = "torch" if isinstance(model, torch.nn.Module) else "onnx"
+        check_precision(precision, self.device, self.runtime)
+        self.model = model.to(self.device).eval() if self.runtime == "torch" else model
         self.tokenizer = tokenizer
         self.threshold = model.threshold if threshold is None else threshold
+        self.precision = precision
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: str | Path, tokenizer: str | Path | None = None, device: str = "cpu") -> "Predictor":
-        """Load a trained run (see :func:`shared_ris.checkpoint.load_run` for the tokenizer search)."""
-        check_device(device)
-        model, _, text_tokenizer = load_run(checkpoint, tokenizer, device=device)
-        return cls(model, text_tokenizer, device)
+    def from_checkpoint(
+        cls, checkpoint: str | Path, tokenizer: str | Path | None = None, device: str = "cpu", runtime: str | None = None, precision: str = "fp32"
+    ) -> "Predictor":
+        """Load a trained model: a run's ``best.pt`` / ``last.pt`` or a bundle folder (torch), or an
+        exported ``.onnx`` file (ONNX Runtime). ``runtime`` defaults to the one the file needs.
+        The tokenizer is found beside a checkpoint (see :func:`shared_ris.checkpoint.load_run`) and
+        read from an ``.onnx`` file's metadata; ``tokenizer`` overrides both."""
+        runtime = check_inference_options(checkpoint, runtime, precision, device)
+        if runtime == "onnx":
+            from .onnx_model import OnnxModel  # the [onnx] extra, imported only when used
+
+            model = OnnxModel.load(checkpoint)
+            text_tokenizer = load_tokenizer(tokenizer, model.recipe) if tokenizer is not None else model.tokenizer()
+        else:
+            model, _, text_tokenizer = load_run(checkpoint, tokenizer, device=device)
+        return cls(model, text_tokenizer, device, precision=precision)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str = "cpu", precision: str = "fp32") -> "Predictor":
+        """A bundle folder written by ``sris export --format bundle`` (Hugging Face layout:
+        ``model.safetensors``, ``recipe.yaml``, ``tokenizer.model``); never unpickles."""
+        return cls.from_checkpoint(folder, device=device, precision=precision)
+
+    def _precision_context(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     @property
     def image_size(self) -> int:
@@ -164,7 +260,8 @@ class Predictor:
             raise ValueError(f"got {len(pixels)} images, {len(sizes)} sizes and {len(texts)} texts")
         ids, padding = self.encode_texts(texts)
         inputs = (pixels.to(self.device), ids.to(self.device), padding.to(self.device))
-        logits, maps = self.model.attention_maps(*inputs) if attention else (self.model(*inputs), {})
+        with self._precision_context():
+            logits, maps = self.model.attention_maps(*inputs) if attention else (self.model(*inputs), {})
         logits = logits.float().cpu()
         maps = {k: v.float().cpu().numpy() for k, v in maps.items()}
         results = []

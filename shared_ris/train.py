@@ -27,7 +27,7 @@ from .data.location import DataLocation, data_location
 from .data.manifest import split_info
 from .data.streams import batched
 from .distributed import DistEnv, setup, sum_across_ranks, teardown
-from .errors import SharedRISError
+from .errors import SharedRISError, first_line
 from .evaluate import evaluate_model
 from .optim import lr_at, set_lr
 from .run_folder import RunFolder, check_folder_free
@@ -196,8 +196,7 @@ def resume_from(path: Path, trainee: Trainee, recipe: Recipe, env: DistEnv, noti
         trainee.model.load_state_dict(checkpoint["model"])
         trainee.optimizer.load_state_dict(checkpoint["optimizer"])
     except (RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0][:160]
-        raise TrainError(f"{path} does not fit this recipe's model ({first}); resume with the recipe it was saved with") from None
+        raise TrainError(f"{path} does not fit this recipe's model ({first_line(exc, 160)}); resume with the recipe it was saved with") from None
     trainee.scaler.load_state_dict(checkpoint["scaler"])
     state = RunState.from_checkpoint(checkpoint)
     message = f"resumed from {path} at step {state.step}"

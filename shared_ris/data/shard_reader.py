@@ -18,6 +18,7 @@ from typing import BinaryIO, Iterator
 import webdataset as wds
 
 from .errors import DataError
+from ..errors import first_line
 
 MEMBER = re.compile(r"(?P<key>[A-Za-z0-9][A-Za-z0-9_+-]*)\.(?P<ext>[A-Za-z0-9]+(\.[A-Za-z0-9]+)?)")
 MAX_MEMBER_BYTES = 64 << 20  # far above any COCO image or mask; bounds what one member can make us read
@@ -66,8 +67,7 @@ def read_shard(shard: ShardInfo) -> Iterator[dict]:
     except DataError:
         raise
     except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{shard.where}: not a readable shard ({detail}); re-run sris prepare") from None
+        raise DataError(f"{shard.where}: not a readable shard ({first_line(exc)}); re-run sris prepare") from None
     _verify(shard, stream.size, stream.digest.hexdigest(), count)
 
 
