@@ -146,7 +146,7 @@ def _generated_samples(size: int, count: int) -> tuple[list[Image.Image], list[s
 def encode_samples(images: Sequence[Image.Image], texts: Sequence[str], recipe: Recipe, tokenizer: Tokenizer) -> tuple[torch.Tensor, ...]:
     from .data.transforms import image_to_tensor
 
-    pixels = torch.stack([image_to_tensor(image, recipe.model.image_size) for image in images])
+    pixels = torch.stack([image_to_tensor(image, recipe.model.image_size, recipe.data.resize) for image in images])
     ids, padding = tokenizer(list(texts))
     return pixels, ids, padding
 

@@ -2,8 +2,10 @@
 segment-anything's ``SamPredictor``. Folders, prompt files and output files are :mod:`.predict`.
 
 The predictor owns the image↔model resizing, as segment-anything's does: an image is resized once
-to S×S (bicubic, mean = std = 0.5, as BEiT-3 fine-tuning does), and the mask logits are resized
-bilinearly back to the image's own size and thresholded at the recipe's τ.
+to S×S as the model was trained (the recipe's ``data.resize``: stretched, or letterboxed with its
+aspect kept; bicubic, mean = std = 0.5, as BEiT-3 fine-tuning does), and the mask logits of the
+image's part of the input are resized bilinearly back to the image's own size and thresholded at
+the recipe's τ.
 
 Two runtimes give the logits, with everything around them shared (same masks, same files):
 ``torch`` (a run's ``best.pt`` or a bundle folder; precision ``fp32`` or ``bf16`` autocast where the
@@ -14,6 +16,7 @@ through ONNX Runtime on the CPU; no attention maps: those come from torch forwar
 from __future__ import annotations
 
 import contextlib
+import math
 import platform
 import warnings
 from dataclasses import dataclass, field
@@ -25,10 +28,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .checkpoint import load_run, load_tokenizer
-from .data.transforms import image_to_tensor, load_image
+from .data.transforms import RESIZES, content_box, image_to_tensor, load_image
 from .device import check_device
 from .errors import SharedRISError, first_line
 from .model import SharedRIS, upsample_probabilities
+from .model.postprocess import Box
 from .tokenizer import Tokenizer
 
 
@@ -176,6 +180,17 @@ def check_inference_options(checkpoint: str | Path, runtime: str | None, precisi
     return runtime
 
 
+def crop_to_box(grid: np.ndarray, box: Box | None, input_size: int) -> np.ndarray:
+    """The cells of a (g, g) map over the S×S input that cover ``box`` (all of them when ``None``)."""
+    if box is None:
+        return grid
+    top, left, height, width = box
+    cells = grid.shape[0] / input_size
+    rows = slice(int(top * cells), math.ceil((top + height) * cells))
+    cols = slice(int(left * cells), math.ceil((left + width) * cells))
+    return grid[rows, cols]
+
+
 class Predictor:
     """Segment what a text refers to in images.
 
@@ -186,10 +201,14 @@ class Predictor:
         device: where the model runs; the model is moved there.
         threshold: τ on σ(logits); ``None`` uses ``model.threshold`` (the recipe's).
         precision: ``fp32``, or ``bf16`` (torch autocast; only where the device computes in bf16).
+        resize: how images become S×S inputs, as the model was trained (the recipe's ``data.resize``):
+            ``stretch``, or ``letterbox`` (aspect kept, centred on gray; masks and maps are mapped
+            back from the image's box only).
     """
 
     def __init__(
-        self, model, tokenizer: Tokenizer, device: str | torch.device = "cpu", threshold: float | None = None, precision: str = "fp32"
+        self, model, tokenizer: Tokenizer, device: str | torch.device = "cpu", threshold: float | None = None, precision: str = "fp32",
+        resize: str = "stretch",
     ) -> None:
         self.device = torch.device(device)
         self.runtime = "torch" if isinstance(model, torch.nn.Module) else "onnx"
@@ -198,6 +217,9 @@ class Predictor:
         self.tokenizer = tokenizer
         self.threshold = model.threshold if threshold is None else threshold
         self.precision = precision
+        if resize not in RESIZES:
+            raise SharedRISError(f"resize {resize!r}: choose one of {', '.join(RESIZES)}")
+        self.resize = resize
 
     @classmethod
     def from_checkpoint(
@@ -212,10 +234,11 @@ class Predictor:
             from .onnx_model import OnnxModel  # the [onnx] extra, imported only when used
 
             model = OnnxModel.load(checkpoint)
-            text_tokenizer = load_tokenizer(tokenizer, model.recipe) if tokenizer is not None else model.tokenizer()
+            recipe = model.recipe
+            text_tokenizer = load_tokenizer(tokenizer, recipe) if tokenizer is not None else model.tokenizer()
         else:
-            model, _, text_tokenizer = load_run(checkpoint, tokenizer, device=device)
-        return cls(model, text_tokenizer, device, precision=precision)
+            model, recipe, text_tokenizer = load_run(checkpoint, tokenizer, device=device)
+        return cls(model, text_tokenizer, device, precision=precision, resize=recipe.data.resize)
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str = "cpu", precision: str = "fp32") -> "Predictor":
@@ -233,8 +256,12 @@ class Predictor:
         return self.model.image_size
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """RGB image → (3, S, S) float32 input: one bicubic resize, mean = std = 0.5."""
-        return image_to_tensor(image, self.image_size)
+        """RGB image → (3, S, S) float32 input: one bicubic resize (stretched or letterboxed), mean = std = 0.5."""
+        return image_to_tensor(image, self.image_size, self.resize)
+
+    def content_box(self, size: tuple[int, int]) -> Box | None:
+        """Where an image of ``size`` = (H, W) lies in the S×S input; ``None`` when it fills it."""
+        return content_box(*size, self.image_size, self.resize) if self.resize == "letterbox" else None
 
     def encode_texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Texts → ids (B, T), padding mask (B, T) True = pad; too-long texts are truncated."""
@@ -245,7 +272,7 @@ class Predictor:
 
         One float map at full size is alive at a time: resize, sigmoid and masking run in place.
         """
-        probs = upsample_probabilities(logits, size)
+        probs = upsample_probabilities(logits, size, self.content_box(size), self.image_size)
         mask = probs > self.threshold
         area = int(mask.sum())
         mean_prob = float(probs.mul_(mask).sum() / area) if area else 0.0
@@ -267,7 +294,8 @@ class Predictor:
         results = []
         for i, size in enumerate(sizes):
             mask, mean_prob = self.postprocess(logits[i], size)
-            results.append(Prediction(mask, mean_prob, logits[i, 0].sigmoid().numpy(), {k: v[i] for k, v in maps.items()}))
+            crop = lambda grid: crop_to_box(grid, self.content_box(size), self.image_size)  # noqa: E731
+            results.append(Prediction(mask, mean_prob, crop(logits[i, 0].sigmoid().numpy()), {k: crop(v[i]) for k, v in maps.items()}))
         return results
 
     def predict(self, images: Sequence[Image.Image], texts: Sequence[str] | str, attention: bool = False) -> list[Prediction]:

@@ -89,3 +89,60 @@ def test_the_cris_protocol_is_cris_arithmetic_by_hand():
                           for x in range(width)] for y in range(height)])  # fmt: skip
     got = cris_probabilities(logits, (height, width), box, size).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+class _CanvasLogits(torch.nn.Module):
+    """A stand-in model: fixed logits over the 64² input (+10 in the given 16×16 cells, −10
+    elsewhere) and an 8×8 "encoder" attention map numbered by cell."""
+
+    image_size, threshold = 64, 0.5
+
+    def __init__(self, positive: tuple[slice, slice]):
+        super().__init__()
+        self.logits = torch.full((1, 1, 16, 16), -10.0)
+        self.logits[0, 0][positive] = 10.0
+
+    def forward(self, images, ids, padding):
+        return self.logits.expand(len(images), -1, -1, -1)
+
+    def attention_maps(self, images, ids, padding):
+        return self(images, ids, padding), {"encoder": torch.arange(64.0).reshape(1, 8, 8).expand(len(images), -1, -1)}
+
+
+def _predictor(resize: str, positive):
+    from shared_ris.predictor import Predictor
+
+    tokenizer = lambda texts: (torch.zeros(len(texts), 4, dtype=torch.long), torch.zeros(len(texts), 4, dtype=torch.bool))  # noqa: E731
+    return Predictor(_CanvasLogits(positive), tokenizer, resize=resize)
+
+
+def test_the_predictor_maps_a_letterboxed_image_back_from_its_box():
+    # A 64×128 image letterboxed into 64²: scaled by ½, at rows 16..47 of the input (logit rows 4..11).
+    image = Image.fromarray(np.full((64, 128, 3), 200, np.uint8))
+    box_rows = _predictor("letterbox", (slice(4, 12), slice(None)))
+    pixels = box_rows.preprocess(image)
+    assert pixels[:, :16].abs().max() < 0.01 and pixels[:, 16:48].min() > 0.5  # gray bars, then the image
+    [prediction] = box_rows.predict([image], "x", attention=True)
+    assert prediction.mask.all()  # positive over the box's rows: the whole image
+    assert prediction.low_res_probs.shape == (8, 16) and prediction.low_res_probs.min() > 0.99  # logit rows 4..11 only
+    assert np.array_equal(prediction.attention["encoder"], np.arange(64.0).reshape(8, 8)[2:6])  # patch rows of the box
+    stretched = _predictor("stretch", (slice(4, 12), slice(None))).predict([image], "x")[0]
+    assert 0.4 < stretched.mask.mean() < 0.6 and stretched.low_res_probs.shape == (16, 16)  # the same logits, stretched
+
+    # Positive over the left half of the canvas (all rows) → the image's left half, to the pixel.
+    [left] = _predictor("letterbox", (slice(None), slice(0, 8))).predict([image], "x")
+    expected = np.zeros((64, 128), bool)
+    expected[:, :64] = True
+    assert np.array_equal(left.mask, expected)
+
+
+def test_the_predictor_takes_the_recipes_resize(tmp_path):
+    from fixtures_predict import make_trained_run
+    from shared_ris.predictor import Predictor
+
+    run = make_trained_run(tmp_path, overrides=("data.resize=letterbox",))
+    predictor = Predictor.from_checkpoint(run)
+    assert predictor.resize == "letterbox"
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 90, 3), dtype=np.uint8))
+    [prediction] = predictor.predict([image], "the red circle")
+    assert prediction.mask.shape == (30, 90)
