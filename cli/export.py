@@ -23,7 +23,7 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="onnx: the .onnx file (weights over 100 MB go to OUT.data beside it); bundle: the folder."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="onnx: int8 (ONNX Runtime dynamic quantization of the MatMul / Gemm weights)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Sentencepiece model (default: the one recorded in or beside the checkpoint)."),
-    tolerance: float = typer.Option(DEFAULT_TOLERANCE, "--tolerance", help="onnx, fp32: refuse the export if a logit differs from torch's by more."),
+    tolerance: float = typer.Option(DEFAULT_TOLERANCE, "--tolerance", help="onnx, fp32: refuse the export if a logit differs from torch's by more than this × the largest |logit| (at least 1)."),
     min_iou: float = typer.Option(DEFAULT_MIN_IOU, "--min-iou", help="onnx: refuse the export if its masks agree with torch's at a lower mean IoU."),
     verify_prompts: Optional[Path] = typer.Option(
         None, "--verify-prompts", help="onnx: verify on these images and texts (a prompts file as sris predict reads; files relative to its folder) "

@@ -16,11 +16,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 
 from . import __version__
 from .checkpoint import TrainedCheckpoint, find_tokenizer, load_tokenizer, model_from_checkpoint, read_trained
-from .config import Recipe, RecipeError, recipe_from_dict
+from .config import Recipe, RecipeError, recipe_from_yaml
 from .errors import CheckpointError, first_line
 from .fileio import atomic_path, check_output_folder, read_small_text, write_bytes_atomic, write_text_atomic
 from .model import build_model
@@ -49,22 +48,11 @@ def read_bundle(folder: str | Path) -> TrainedCheckpoint:
 def read_recipe(path: Path) -> Recipe:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing; a bundle needs the recipe its weights were built with (sris export --format bundle writes it)")
-    tree = _safe_yaml(path)
-    try:
-        return recipe_from_dict(tree)
-    except RecipeError as exc:
-        raise CheckpointError(f"{path}: invalid recipe ({exc})") from None
-
-
-def _safe_yaml(path: Path) -> dict:
     text = read_small_text(path, MAX_TEXT_BYTES, "export the bundle again", CheckpointError)
     try:
-        tree = yaml.safe_load(text)  # plain data only, never objects
-    except (yaml.YAMLError, RecursionError) as exc:
-        raise CheckpointError(f"{path}: not readable YAML ({first_line(exc)})") from None
-    if not isinstance(tree, dict):
-        raise CheckpointError(f"{path}: a recipe must be a mapping of sections (model, loss, data, train)")
-    return tree
+        return recipe_from_yaml(text, str(path))
+    except RecipeError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:

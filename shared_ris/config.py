@@ -131,12 +131,29 @@ def available_recipes() -> list[str]:
 
 def _parse_yaml(text_source, where: str) -> dict:
     try:
-        tree = yaml.safe_load(text_source.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:  # safe_load builds plain data only, never objects
+        return _yaml_mapping(text_source.read_text(encoding="utf-8"), where)
+    except (UnicodeDecodeError, OSError) as exc:
+        raise RecipeError(f"{where}: not a readable YAML recipe ({first_line(exc)})") from None
+
+
+def _yaml_mapping(text: str, where: str) -> dict:
+    try:
+        tree = yaml.safe_load(text) or {}  # safe_load builds plain data only, never objects
+    except (yaml.YAMLError, RecursionError) as exc:
         raise RecipeError(f"{where}: not a readable YAML recipe ({first_line(exc)})") from None
     if not isinstance(tree, dict):
         raise RecipeError(f"{where}: a recipe must be a mapping of sections (model, loss, data, train), got {type(tree).__name__}")
     return tree
+
+
+def recipe_from_yaml(text: str, where: str) -> Recipe:
+    """A resolved recipe written by :meth:`Recipe.to_yaml` (a run's, a bundle's, an export's) →
+    :class:`Recipe`; anything else is one :class:`RecipeError` line naming ``where``."""
+    tree = _yaml_mapping(text, where)
+    try:
+        return recipe_from_dict(tree)
+    except RecipeError as exc:
+        raise RecipeError(f"{where}: invalid recipe ({exc})") from None
 
 
 def _read_recipe_file(name_or_path: str | Path) -> tuple[str, dict]:

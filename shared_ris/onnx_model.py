@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-import yaml
 
 from . import __version__
-from .config import Recipe, RecipeError, recipe_from_dict
+from .config import Recipe, RecipeError, recipe_from_yaml
 from .errors import SharedRISError, first_line
 from .fileio import confined
 from .tokenizer import Tokenizer
@@ -179,12 +178,9 @@ def _parse_props(props: dict[str, str], path: Path) -> OnnxMetadata:
 
 def _parse_recipe(text: str, path: Path) -> Recipe:
     try:
-        tree = yaml.safe_load(text)  # plain data only, never objects
-        if not isinstance(tree, dict):
-            raise RecipeError(f"expected a mapping, got {type(tree).__name__}")
-        return recipe_from_dict(tree)
-    except (yaml.YAMLError, RecipeError, RecursionError) as exc:
-        raise OnnxModelError(f"{path}: its recipe metadata is invalid ({first_line(exc)}); export it again") from None
+        return recipe_from_yaml(text, f"{path}: its recipe metadata")
+    except RecipeError as exc:
+        raise OnnxModelError(f"{exc}; export it again") from None
 
 
 def _parse_number(text: str, kind: type, path: Path, what: str):

@@ -21,7 +21,7 @@ import platform
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ from .errors import SharedRISError, first_line
 from .model import SharedRIS, upsample_probabilities
 from .model.postprocess import Box
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the [onnx] extra is imported only when an .onnx file is loaded
+    from .onnx_model import OnnxModel
 
 
 # Decoded pixels allowed per image, read from the header before decoding: 8192 × 8192, which
@@ -207,7 +210,7 @@ class Predictor:
     """
 
     def __init__(
-        self, model, tokenizer: Tokenizer, device: str | torch.device = "cpu", threshold: float | None = None, precision: str = "fp32",
+        self, model: SharedRIS | OnnxModel, tokenizer: Tokenizer, device: str | torch.device = "cpu", threshold: float | None = None, precision: str = "fp32",
         resize: str = "stretch",
     ) -> None:
         self.device = torch.device(device)

@@ -141,8 +141,8 @@ CASES = [
     Case("onnx: no shared-ris metadata", onnx_case(drop=tuple(META.values())), "without shared-ris metadata"),
     Case("onnx: a newer format", onnx_case(props={"shared_ris.format": "7"}), "format '7'"),
     Case("onnx: recipe key missing", onnx_case(drop=(RECIPE_PROP,)), RECIPE_PROP),
-    Case("onnx: recipe is a python object tag", onnx_case(props={RECIPE_PROP: f"!!python/object/apply:os.system ['touch {SENTINEL}']"}), "recipe metadata is invalid"),
-    Case("onnx: recipe out of range", onnx_case(props={RECIPE_PROP: "model: {image_size: -3}"}), "recipe metadata is invalid"),
+    Case("onnx: recipe is a python object tag", onnx_case(props={RECIPE_PROP: f"!!python/object/apply:os.system ['touch {SENTINEL}']"}), "its recipe metadata"),
+    Case("onnx: recipe out of range", onnx_case(props={RECIPE_PROP: "model: {image_size: -3}"}), "its recipe metadata"),
     Case("onnx: threshold NaN", onnx_case(props={"shared_ris.threshold": "nan"}), "threshold"),
     Case("onnx: threshold 2", onnx_case(props={"shared_ris.threshold": "2"}), "threshold 2.0"),
     Case("onnx: image size disagrees", onnx_case(props={"shared_ris.image_size": "999"}), "image_size"),
@@ -303,6 +303,7 @@ def test_agreement_rule():
             check_agreement(agreement, quantize, 1e-4, 0.98, Path("m.onnx"))
         assert message in str(info.value)
     check_agreement(Agreement(0.7, [0.99]), "int8", 1e-4, 0.98, Path("m.onnx"))  # int8 logits may move
+    check_agreement(Agreement(3e-4, [1.0], logit_scale=10.0), "none", 1e-4, 0.98, Path("m.onnx"))  # relative to the logits' size
 
 
 def test_compare_logits_counts_mask_agreement():

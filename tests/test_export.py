@@ -51,7 +51,9 @@ def fp32_export(short_run, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def int8_export(short_run, tmp_path_factory):
-    return export_onnx(short_run, tmp_path_factory.mktemp("onnx8") / "model.int8.onnx", quantize="int8")
+    # This 600-scene model at 64 px is weak and its masks small: int8 agreed with fp32 at mean IoU 0.956
+    # over 16 generated scenes (0.984 over 64); BENCHMARKS.md has the figures of better-trained ones.
+    return export_onnx(short_run, tmp_path_factory.mktemp("onnx8") / "model.int8.onnx", quantize="int8", min_iou=0.9)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +115,9 @@ def test_onnx_metadata_records_the_run(fp32_export, short_run):
 def test_int8_export_is_quantized_and_agrees(int8_export, fp32_export, torch_predictor, examples):
     graph = onnx.load(str(int8_export.path), load_external_data=False).graph
     integer_ops = [n.op_type for n in graph.node if n.op_type in ("DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat")]
-    assert len(integer_ops) >= 10  # every linear layer of the encoder, FPN and decoder
+    weights = {t.name for t in graph.initializer}
+    float_ops = [n for n in graph.node if n.op_type in ("MatMul", "Gemm") and weights & set(n.input)]
+    assert len(integer_ops) >= 10 and float_ops  # the encoder's linear layers; the FPN's and decoder's stay fp32
     assert int8_export.bytes < 0.5 * fp32_export.bytes
     predictor = Predictor.from_checkpoint(int8_export.path)
     assert mean_iou(predictor.predict(*examples), torch_predictor.predict(*examples)) >= 0.95

@@ -59,6 +59,13 @@ def peak_allocation(fn) -> tuple[object, int]:
         tracemalloc.stop()
 
 
+def refused(load, path: Path, *fragments: str) -> str:
+    """``load(path)`` raises a one-line DataError naming ``path`` and every fragment."""
+    with pytest.raises(DataError) as info:
+        load(path)
+    return one_line(info.value, path, *fragments)
+
+
 def one_line(error: Exception, path: Path, *fragments: str) -> str:
     message = str(error)
     assert "\n" not in message and str(path) in message, message
@@ -127,9 +134,7 @@ def test_self_referencing_and_deeply_nested_pickles_are_one_line_errors(tmp_path
     for name, data in (("loop", pickle.dumps(loop, protocol=2)), ("deep", deep)):
         path = tmp_path / f"{name}.p"
         path.write_bytes(data)
-        with pytest.raises(DataError) as info:
-            load_refs(path)
-        one_line(info.value, path, "refs[0]")
+        refused(load_refs, path, "refs[0]")
 
 
 # -- defect 2: duplicate ref_ids ----------------------------------------------------------------------
@@ -140,9 +145,7 @@ def test_a_duplicate_ref_id_is_refused(tmp_path):
     refs[4][b"ref_id"] = refs[1][b"ref_id"]
     path = tmp_path / "refs(unc).p"
     path.write_bytes(py2_dumps(refs))
-    with pytest.raises(DataError) as info:
-        load_refs(path)
-    one_line(info.value, path, f"ref {refs[1][b'ref_id']}", "twice", "refs[1] and refs[4]")
+    refused(load_refs, path, f"ref {refs[1][b'ref_id']}", "twice", "refs[1] and refs[4]")
 
 
 # -- defect 3: types of every field, checked at load time -------------------------------------------
@@ -200,9 +203,7 @@ def test_wrongly_typed_ref_fields_are_one_line_errors(tmp_path, case):
     alter, fragments = BAD_REFS[case]
     path = tmp_path / "refs(unc).p"
     path.write_bytes(py2_dumps(alter(py2_refs())))
-    with pytest.raises(DataError) as info:
-        load_refs(path)
-    one_line(info.value, path, *fragments)
+    refused(load_refs, path, *fragments)
 
 
 def _set_entry(section: str, field: str, value, index: int = 0):
@@ -241,17 +242,13 @@ def test_wrongly_typed_instances_fields_are_one_line_errors(tmp_path, case):
     alter, fragments = BAD_INSTANCES[case]
     path = tmp_path / "instances.json"
     path.write_text(json.dumps(alter(instances_document())))
-    with pytest.raises(DataError) as info:
-        load_instances(path)
-    one_line(info.value, path, *fragments)
+    refused(load_instances, path, *fragments)
 
 
 def test_json_nested_too_deep_is_a_one_line_error(tmp_path):
     path = tmp_path / "instances.json"
     path.write_text("[" * 100_000 + "]" * 100_000)
-    with pytest.raises(DataError) as info:
-        load_instances(path)
-    one_line(info.value, path, "not a COCO instances file")
+    refused(load_instances, path, "not a COCO instances file")
 
 
 def test_genuine_files_pass_every_check(tmp_path):

@@ -19,12 +19,11 @@ from shared_ris.optim import build_optimizer, lr_at, param_groups
 from shared_ris.train import NonFiniteLossError, StopOnSignal, train_loop
 from shared_ris.checkpoint import load_checkpoint, save_checkpoint
 from shared_ris.train_state import rng_state, set_rng_state
+from train_helpers import SMALL_MODEL, sigterm_after_step
 
 # A Shared-RIS small enough that a step takes milliseconds on one CPU core.
 SMALL = [
-    "model.image_size=32", "model.max_text_len=8", "model.encoder.embed_dim=32", "model.encoder.depth=2",
-    "model.encoder.num_heads=2", "model.encoder.ffn_dim=64", "model.encoder.max_text_positions=16",
-    "model.fpn.stages=[1,2]", "model.fpn.dim=32", "model.fpn.num_heads=2", "model.decoder.num_heads=2",
+    "model.image_size=32", "model.max_text_len=8", *SMALL_MODEL,
     "train.warmup_steps=2", "train.log_every=1", "train.lr=1e-3",
 ]  # fmt: skip
 
@@ -214,11 +213,7 @@ def test_sigterm_saves_and_resume_continues_exactly(tmp_path):
     data = MemoryData(recipe)
     train_loop(recipe, data, tmp_path / "whole")
 
-    def sigterm_after_step_4(event):
-        if event["event"] == "step" and event["step"] == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    stopped = train_loop(recipe, data, tmp_path / "split", progress=sigterm_after_step_4)
+    stopped = train_loop(recipe, data, tmp_path / "split", progress=sigterm_after_step(4))
     assert stopped["stopped"] and stopped["step"] == 5  # the signal lands after step 4; step 5 finishes, then it saves
     assert load_checkpoint(tmp_path / "split" / "last.pt")["step"] == 5
     resumed = train_loop(recipe, data, tmp_path / "split", resume="auto")

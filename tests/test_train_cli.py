@@ -4,7 +4,6 @@ through the shard loader, and SIGTERM through torchrun with 2 gloo processes."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,12 +19,11 @@ from shared_ris import load_recipe
 from shared_ris.data import prepare_synthetic, read_manifest
 from shared_ris.train import train
 from shared_ris.checkpoint import load_checkpoint
+from train_helpers import SMALL_MODEL, sigterm_after_step
 
 # The tiny recipe, smaller still: a step takes tens of milliseconds.
 SMALL = [
-    "model.image_size=64", "model.max_text_len=12", "model.encoder.embed_dim=32", "model.encoder.depth=2",
-    "model.encoder.num_heads=2", "model.encoder.ffn_dim=64", "model.encoder.max_text_positions=16",
-    "model.fpn.stages=[1,2]", "model.fpn.dim=32", "model.fpn.num_heads=2", "model.decoder.num_heads=2",
+    "model.image_size=64", "model.max_text_len=12", *SMALL_MODEL,
     "train.batch_size=4", "train.warmup_steps=2", "train.log_every=1", "train.eval_every=1", "data.num_workers=0",
 ]  # fmt: skip
 REPO = Path(__file__).resolve().parents[1]
@@ -99,11 +97,7 @@ def test_sigterm_and_resume_through_the_shard_loader_are_exact(data_dir, tmp_pat
     recipe = load_recipe("tiny", [*SMALL, "train.max_steps=10", "model.encoder.drop_path_rate=0.1"])  # 6 steps per epoch
     train(recipe, data_dir, tmp_path / "whole")
 
-    def sigterm_after_step_4(event):
-        if event["event"] == "step" and event["step"] == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    assert train(recipe, data_dir, tmp_path / "split", progress=sigterm_after_step_4)["step"] == 5
+    assert train(recipe, data_dir, tmp_path / "split", progress=sigterm_after_step(4))["step"] == 5
     assert train(recipe, data_dir, tmp_path / "split", resume="auto")["step"] == 10
     a, b = (load_checkpoint(tmp_path / run / "last.pt")["model"] for run in ("whole", "split"))
     for key in a:

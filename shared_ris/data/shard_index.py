@@ -46,29 +46,26 @@ def build_index(path: Path) -> dict:
             entry = samples.setdefault(key, {"key": key, "members": {}})
             entry["members"][ext] = [member.offset_data, member.size, hashlib.sha256(data).hexdigest()]
             if ext == "json":
-                entry["trainable"] = _trainable_fields(_json_or_none(data))
+                entry["trainable"] = _trainable_fields(data)
     return {
         "format": INDEX_FORMAT, "shard": path.name, "shard_bytes": path.stat().st_size, "shard_sha256": file_sha256(path),
         "samples": list(samples.values()),
     }  # fmt: skip
 
 
-def _trainable_fields(meta) -> list[str]:
-    """Text fields training can learn from. A malformed sample gets every field, so the sampler
-    chooses it and the sample check names the problem instead of the sample being dropped silently."""
+def _trainable_fields(data: bytes) -> list[str]:
+    """Text fields training can learn from a sample's JSON. A malformed sample gets every field, so
+    the sampler chooses it and the sample check names the problem instead of it being dropped silently."""
+    try:
+        meta = json.loads(data)
+    except ValueError:
+        meta = None
     sentences = meta.get("sentences") if isinstance(meta, dict) else None
     if not (isinstance(sentences, list) and all(isinstance(s, dict) for s in sentences)):
         return list(TEXT_FIELDS)
     if meta.get("empty_mask") is True:
         return []
     return [field for field in TEXT_FIELDS if any(str(s.get(field) or "").strip() for s in sentences)]
-
-
-def _json_or_none(data: bytes):
-    try:
-        return json.loads(data)
-    except ValueError:
-        return None
 
 
 def write_index(shard: Path) -> str:
