@@ -3,6 +3,7 @@
     python benchmarks/runtimes.py --recipe base --image-size 480 --train-steps 30 --batch-size 2 --out /tmp/rt
     python benchmarks/runtimes.py --recipe tiny --image-size 64 --train-steps 300 --batch-size 16 --out /tmp/rt-tiny
     python benchmarks/runtimes.py --checkpoint RUN/best.pt --images DIR --out /tmp/rt   # a run you have
+    … --set train.lr=5e-4 --set data.num_workers=0   # recipe overrides for the short run
 
 Without ``--checkpoint`` it trains a short run first (synthetic scenes at ``--image-size``, so the
 weights give confident masks, unlike random ones on which agreement means nothing) and writes
@@ -34,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNTIMES = [("torch", "fp32", "checkpoint"), ("torch", "bf16", "checkpoint"), ("onnx", "fp32", "fp32.onnx"), ("onnx", "int8", "int8.onnx")]
 
 
-def train_short_run(out: Path, recipe_name: str, image_size: int, steps: int, batch: int, images: int) -> Path:
+def train_short_run(out: Path, recipe_name: str, image_size: int, steps: int, batch: int, images: int, extra: list[str]) -> Path:
     """Synthetic data at ``image_size``, ``steps`` of training, ``images`` held-out scenes; → best.pt."""
     import shared_ris
     from shared_ris.data.synthetic import export_examples, prepare_synthetic
@@ -42,7 +43,7 @@ def train_short_run(out: Path, recipe_name: str, image_size: int, steps: int, ba
 
     overrides = [f"model.image_size={image_size}", f"train.max_steps={steps}", f"train.batch_size={batch}",
                  f"train.warmup_steps={max(1, steps // 10)}", "train.eval_every=100000", f"train.log_every={max(1, steps // 5)}",
-                 "data.shuffle_buffer=100"]  # fmt: skip
+                 "data.shuffle_buffer=100", *extra]  # fmt: skip
     if not (out / "run" / "best.pt").is_file():
         prepare_synthetic(out / "data", train=max(200, steps * batch), val=8, test=0, size=image_size, workers=1)
         started = time.perf_counter()
@@ -152,13 +153,14 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--count", type=int, default=6, help="held-out scenes to predict")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="a recipe override for the short run (repeatable)")
     parser.add_argument("--threads", default=f"1,{os.cpu_count()}", help="comma-separated intra-op thread counts")
     args = parser.parse_args()
     if args.child:
         return child(json.loads(args.child))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.checkpoint is None:
-        checkpoint = train_short_run(args.out, args.recipe, args.image_size, args.train_steps, args.batch_size, args.count)
+        checkpoint = train_short_run(args.out, args.recipe, args.image_size, args.train_steps, args.batch_size, args.count, args.overrides)
         prompts = args.out / "examples" / "prompts.jsonl"
     else:
         from shared_ris.data.synthetic import export_examples
