@@ -187,7 +187,7 @@ class _Targets:
         if key != self.key:
             height, width = original.shape
             self.key = key
-            self.box = content_box(height, width, side, self.resize) if self.resize == "letterbox" else None
+            self.box = content_box(height, width, side, self.resize)
             if self.resolution == "original":
                 self.target = original
             elif self.resize == "letterbox":

@@ -264,7 +264,7 @@ class Predictor:
 
     def content_box(self, size: tuple[int, int]) -> Box | None:
         """Where an image of ``size`` = (H, W) lies in the S×S input; ``None`` when it fills it."""
-        return content_box(*size, self.image_size, self.resize) if self.resize == "letterbox" else None
+        return content_box(*size, self.image_size, self.resize)
 
     def encode_texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Texts → ids (B, T), padding mask (B, T) True = pad; too-long texts are truncated."""

@@ -355,11 +355,10 @@ def build_train_loader(
     """
     settings, info, workers = _settings(data_dir, recipe.data.train_split, recipe, tokenizer, rank, world_size, num_workers, batch_size, shards)
     trainable = trainable_samples(info, settings.text_field, data_dir)
-    if data_location(data_dir).is_local and shards is None:  # every ref once per epoch, read by index
+    indexed = data_location(data_dir).is_local and shards is None
+    if indexed:
         settings.index_digests, settings.trainable = info["shard_index_sha256"], trainable
-        steps = steps_per_epoch(trainable, world_size, settings.batch_size)
-    else:  # a remote stream: refs as the shuffle buffer hands them out (see the module docstring)
-        steps = trainable // (settings.batch_size * world_size)
+    steps = _epoch_steps(trainable, world_size, settings.batch_size, indexed)
     if steps == 0:
         flagged = f" ({info['samples'] - trainable} of {info['samples']} flagged: empty mask or no '{settings.text_field}' text)" if trainable < info["samples"] else ""
         raise DataError(
@@ -394,8 +393,14 @@ def build_eval_loader(
 def train_steps_per_epoch(data_dir: str | Path, recipe: Recipe, world_size: int = 1, batch_size: int | None = None) -> int:
     """Batches per epoch per rank, from the manifest alone (an optimizer step takes ``train.accumulate_steps`` of them)."""
     info = split_info(read_manifest(data_dir), recipe.data.train_split, data_dir)
-    trainable, batch = trainable_samples(info, recipe.data.text_field, data_dir), batch_size or recipe.train.batch_size
-    return steps_per_epoch(trainable, world_size, batch) if data_location(data_dir).is_local else trainable // (batch * world_size)
+    trainable = trainable_samples(info, recipe.data.text_field, data_dir)
+    return _epoch_steps(trainable, world_size, batch_size or recipe.train.batch_size, data_location(data_dir).is_local)
+
+
+def _epoch_steps(trainable: int, world_size: int, batch_size: int, indexed: bool) -> int:
+    """Local shards read by index: each rank's padded share in whole batches (``DistributedSampler``);
+    a remote stream: refs as the shuffle buffers hand them out, in whole global batches."""
+    return steps_per_epoch(trainable, world_size, batch_size) if indexed else trainable // (batch_size * world_size)
 
 
 def trainable_samples(info: dict, text_field: str, where) -> int:

@@ -31,9 +31,17 @@ def letterbox_box(height: int, width: int, size: int) -> tuple[int, int, int, in
     return (size - new_h) // 2, (size - new_w) // 2, new_h, new_w
 
 
-def content_box(height: int, width: int, size: int, resize: str) -> tuple[int, int, int, int]:
-    """Where the image lies in the S×S input: the whole canvas when stretched."""
-    return letterbox_box(height, width, size) if resize == "letterbox" else (0, 0, size, size)
+def content_box(height: int, width: int, size: int, resize: str) -> tuple[int, int, int, int] | None:
+    """Where the image lies in the S×S input; ``None`` when stretched (it fills the canvas)."""
+    return letterbox_box(height, width, size) if resize == "letterbox" else None
+
+
+def _letterboxed(image: Image.Image, size: int, mode: str, fill, resample: int) -> Image.Image:
+    """``image`` scaled into its :func:`letterbox_box` of a ``size``² ``mode`` canvas of ``fill``."""
+    top, left, new_h, new_w = letterbox_box(image.height, image.width, size)
+    canvas = Image.new(mode, (size, size), fill)
+    canvas.paste(image.resize((new_w, new_h), resample), (left, top))
+    return canvas
 
 
 def load_image(source: bytes | str | Path | BinaryIO | Image.Image, exif_transpose: bool = True) -> Image.Image:
@@ -69,10 +77,7 @@ def image_pixels(image: Image.Image, size: int, resize: str = "stretch") -> torc
     """RGB PIL image → bicubic-resized (3, size, size) uint8 tensor (pass it to :func:`normalize_`),
     stretched or letterboxed (``resize``)."""
     if resize == "letterbox":
-        top, left, new_h, new_w = letterbox_box(image.height, image.width, size)
-        canvas = Image.new("RGB", (size, size), (PAD_GRAY,) * 3)
-        canvas.paste(image.resize((new_w, new_h), Image.BICUBIC), (left, top))
-        image = canvas
+        image = _letterboxed(image, size, "RGB", (PAD_GRAY,) * 3, Image.BICUBIC)
     return torch.from_numpy(np.array(resize_image(image, size), dtype=np.uint8)).permute(2, 0, 1)
 
 
@@ -106,10 +111,7 @@ def mask_pixels(mask: bytes | Image.Image, size: int, resize: str = "stretch") -
     if image.mode not in ("L", "1"):
         image = image.convert("L")
     if resize == "letterbox":
-        top, left, new_h, new_w = letterbox_box(image.height, image.width, size)
-        canvas = Image.new("L", (size, size), 0)
-        canvas.paste(image.resize((new_w, new_h), Image.NEAREST), (left, top))
-        image = canvas
+        image = _letterboxed(image, size, "L", 0, Image.NEAREST)
     elif image.size != (size, size):
         image = image.resize((size, size), Image.NEAREST)
     return torch.from_numpy(np.array(image, dtype=np.uint8) > 0).to(torch.uint8)
