@@ -165,6 +165,7 @@ CASES = [
     Case("bundle: weights truncated", bundle_case(lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:5000])), "model.safetensors"),
     Case("bundle: recipe missing", bundle_case(lambda f: (f / "recipe.yaml").unlink()), "recipe.yaml"),
     Case("bundle: recipe is a python object tag", bundle_case(lambda f: (f / "recipe.yaml").write_text(f"!!python/object/apply:os.system ['touch {SENTINEL}']\n")), "recipe.yaml"),
+    Case("bundle: recipe.yaml of 2 MB", bundle_case(lambda f: (f / "recipe.yaml").write_text("#" * (2 << 20))), "too large"),
     Case("bundle: recipe value out of range", bundle_case(lambda f: (f / "recipe.yaml").write_text((f / "recipe.yaml").read_text().replace("image_size: 128", "image_size: -1"))), "recipe.yaml"),
     Case("bundle: a weight missing", bundle_case(edit_weights(lambda t: t.pop(next(iter(t))))), "missing"),
     Case("bundle: a weight of the wrong shape", bundle_case(edit_weights(shrink_a_matrix)), "shape mismatch"),
@@ -182,6 +183,7 @@ CASES = [
     Case("export: bundle --out is a file", lambda root, run: run, "outfile", ("--format", "bundle", "--out", "{root}/outfile"), "export"),
     Case("export: eval JSON is not JSON", lambda root, run: run, "eval.json", ("--format", "bundle", "--out", "{root}/out", "--eval-json", "{root}/eval.json"), "export"),
     Case("export: eval JSON split name is markup", lambda root, run: run, "not a plain name", ("--format", "bundle", "--out", "{root}/out", "--eval-json", "{root}/markup.json"), "export"),
+    Case("export: eval JSON of 17 MB", lambda root, run: (root / "huge.json").write_bytes(b" " * (17 << 20)) and run, "too large", ("--format", "bundle", "--out", "{root}/out", "--eval-json", "{root}/huge.json"), "export"),
     Case("export: --data has no manifest", lambda root, run: run, "manifest", ("--format", "bundle", "--out", "{root}/out", "--data", "{root}/images"), "export"),
 ]  # fmt: skip
 
