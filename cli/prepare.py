@@ -12,6 +12,7 @@ from rich.table import Table
 
 from shared_ris.data import export_examples, prepare_refer, prepare_synthetic
 from shared_ris.data.prepare import prepare_parquet, standard_counts
+from shared_ris.data.targets import TARGET_GROUPS
 
 from .common import console, fail, user_errors
 
@@ -74,12 +75,15 @@ def _summary(manifest: dict, out: Path) -> None:
         )  # fmt: skip
     console.print(table)
     if any(split.get("empty_mask_samples") or any(split.get("empty_text_sentences", {}).values()) for split in manifest["splits"].values()):
-        console.print("empty masks and empty texts are kept: sris eval scores them (as the papers do), training skips them", style="dim")
+        learned = "; the empty masks of no-target refs are answers: training learns them" if manifest.get("generalized") else ""
+        console.print(f"empty masks and empty texts are kept: sris eval scores them (as the papers do), training skips them{learned}", style="dim")
     if "excluded_images" in manifest:
         console.print(f"train: dropped {manifest['excluded_refs']} refs on {manifest['excluded_images']} images that appear in a val/test split")
     if manifest["sources"].get("duplicate_rows"):
         console.print(f"[yellow]{manifest['sources']['duplicate_rows']} refs appear in two parquet files with the same content (kept once): a stale copy of a split in --parquet?[/]")
     _standard_counts(manifest)
+    if manifest.get("generalized"):
+        _target_counts(manifest)
     if manifest["skipped_counts"]:
         skipped = Table(title="skipped (details in manifest.json)")
         skipped.add_column("reason")
@@ -89,6 +93,17 @@ def _summary(manifest: dict, out: Path) -> None:
         console.print(skipped)
     else:
         console.print("nothing skipped")
+
+
+def _target_counts(manifest: dict) -> None:
+    """A generalized set's refs and expressions by how many objects they name."""
+    table = Table(title="by target count: refs / expressions")
+    for column in ("split", *(f"{group} target{'' if group == '1' else 's'}" for group in TARGET_GROUPS)):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for name, split in manifest["splits"].items():
+        refs, sentences = split.get("target_samples", {}), split.get("target_sentences", {})
+        table.add_row(name, *(f"{refs.get(group, 0):,} / {sentences.get(group, 0):,}" for group in TARGET_GROUPS))
+    console.print(table)
 
 
 def _standard_counts(manifest: dict) -> None:
@@ -146,6 +161,10 @@ prepare_app.command("refcoco-combined")(_refer_command(
     "train and/or {dataset}-{split} names (default: train,refcoco-val,refcoco+-val,refcocog-val).",
     "Train on RefCOCO + RefCOCO+ + RefCOCOg, minus every image of any of their val/test splits.",
 ))  # fmt: skip
+prepare_app.command("grefcoco")(_refer_command(
+    "grefcoco", "unc", "unc (train/val/testA/testB), the only one gRefCOCO ships.", SUBSET,
+    "gRefCOCO (generalized: several targets or none): grefcoco/grefs(unc).json + instances.json + COCO images → shards.",
+))  # fmt: skip
 
 
 @prepare_app.command("synthetic")
@@ -162,12 +181,16 @@ def synthetic(
     overwrite: bool = Overwrite,
     examples: int = typer.Option(8, "--examples", min=0, help="Also write this many loose images + prompts.jsonl to OUT/examples for sris predict."),
     spatial: bool = typer.Option(False, "--spatial", help='Also relational expressions ("the leftmost red one"): harder, beyond the tiny quickstart.'),
+    generalized: bool = typer.Option(
+        False, "--generalized",
+        help='gRefCOCO-style: also several targets ("all the red shapes", "the two circles") and none ("the green triangle" where there is none).',
+    ),
 ) -> None:
     """Referring shapes ("the small red circle") in the same shard format, plus spm.model for the tiny recipe."""
     _run(
         "synthetic", prepare_synthetic, out_dir=out, train=train, val=val, test=test, size=size, seed=seed,
-        shard_size=shard_size, workers=workers, overwrite=overwrite, spatial=spatial,
+        shard_size=shard_size, workers=workers, overwrite=overwrite, spatial=spatial, generalized=generalized,
     )
     if examples:
-        folder = export_examples(out / "examples", examples, size=size, seed=seed, spatial=spatial)
+        folder = export_examples(out / "examples", examples, size=size, seed=seed, spatial=spatial, generalized=generalized)
         console.print(f"wrote {examples} example images and prompts.jsonl to {folder}")

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .errors import DataError
+from .grefcoco import DATASET as GREFCOCO
+from .grefcoco import gref_item, load_grefcoco
 from .parquet import SPLIT_BY as PARQUET_SPLIT_BY
 from .parquet import load_parquet
 from .refer import (
@@ -47,12 +49,17 @@ def _choose_splits(available: list[str], wanted: Iterable[str] | None, what: str
     return [s for s in available if s in wanted]
 
 
-def _items_by_split(refs: list[dict], dataset: str, images: dict, anns: dict, images_dir: Path, splits: list[str], limit: int | None) -> dict[str, list[dict]]:
+def _items_by_split(refs: list[dict], splits: list[str], limit: int | None, to_item: Callable[[dict], dict]) -> dict[str, list[dict]]:
+    """The refs of each chosen split (the first ``limit`` by ref_id) as items."""
     by_split: dict[str, list[dict]] = {s: [] for s in splits}
     for ref in sorted(refs, key=lambda r: r["ref_id"]):
         if ref["split"] in by_split and (limit is None or len(by_split[ref["split"]]) < limit):
-            by_split[ref["split"]].append(ref_item(ref, dataset, images, anns, images_dir))
+            by_split[ref["split"]].append(to_item(ref))
     return by_split
+
+
+def _refer_items(refs, splits, limit, dataset: str, images: dict, anns: dict, images_dir: Path) -> dict[str, list[dict]]:
+    return _items_by_split(refs, splits, limit, lambda ref: ref_item(ref, dataset, images, anns, images_dir))
 
 
 def prepare_refer(
@@ -73,7 +80,8 @@ def prepare_refer(
     """Convert a refer dataset to shards; return the manifest.
 
     Args:
-        dataset: ``refcoco``, ``refcoco+``, ``refcocog``, or ``refcoco-combined`` (see :func:`combined_items`).
+        dataset: ``refcoco``, ``refcoco+``, ``refcocog``, ``refcoco-combined`` (see :func:`combined_items`),
+            or ``grefcoco`` (``grefcoco/grefs(unc).json``; see :mod:`.grefcoco`).
         refer_root: the refer API ``data/`` folder (``{dataset}/refs({split_by}).p``, ``{dataset}/instances.json``).
         images_dir: COCO ``train2014/``.
         out_dir: where ``{dataset}-{split}-{NNNNNN}.tar`` and ``manifest.json`` go.
@@ -91,6 +99,9 @@ def prepare_refer(
     if route == "parquet":
         items, config, sources = _parquet_items(dataset, refer_root, images_dir, split_by, splits, limit)
         return _write(dataset, out_dir, items, config, sources, shard_size, workers, strict, overwrite, progress, None)
+    if dataset == GREFCOCO:
+        items, config, sources = grefcoco_items(refer_root, images_dir, split_by, splits, limit)
+        return _write(dataset, out_dir, items, config, sources, shard_size, workers, strict, overwrite, progress, {"generalized": True})
     if dataset == COMBINED:
         if split_by is not None:
             raise DataError(f"{COMBINED} reads RefCOCO/+ (unc) and RefCOCOg (umd); drop --split-by")
@@ -137,7 +148,7 @@ def parquet_items(dataset: str, parquet_dir, images_dir, splits, limit: int | No
     images_root = check_images_dir(images_dir)
     refs, images, anns, files, duplicates = load_parquet(parquet_dir, dataset)
     chosen = _choose_splits(_ordered(r["split"] for r in refs), splits, f"{Path(parquet_dir)}")
-    items = _items_by_split(refs, dataset, images, anns, images_root, chosen, limit)
+    items = _refer_items(refs, chosen, limit, dataset, images, anns, images_root)
     config = {"dataset": dataset, "split_by": PARQUET_SPLIT_BY[dataset], "splits": chosen, "limit": limit}
     sources = {"parquet": [str(p.resolve()) for p in files], "images": str(images_root.resolve()), "duplicate_rows": duplicates}
     return items, config, sources
@@ -152,10 +163,19 @@ def refer_items(dataset: str, refer_root, images_dir, split_by: str | None, spli
     refs = load_refs(refs_path)
     chosen = _choose_splits(_ordered(r["split"] for r in refs), splits, f"{refs_path}")
     images, anns = load_instances(instances_path)
-    items = _items_by_split(refs, dataset, images, anns, images_root, chosen, limit)
+    items = _refer_items(refs, chosen, limit, dataset, images, anns, images_root)
     config = {"dataset": dataset, "split_by": split_by, "splits": chosen, "limit": limit}
     sources = {"refs": str(refs_path.resolve()), "instances": str(instances_path.resolve()), "images": str(images_root.resolve())}
     return items, config, sources
+
+
+def grefcoco_items(refer_root, images_dir, split_by: str | None, splits, limit: int | None) -> tuple[dict, dict, dict]:
+    """gRefCOCO → (items by split, config, sources); see :mod:`.grefcoco`."""
+    split_by = split_by or "unc"
+    refs, images, anns, images_root, sources = load_grefcoco(refer_root, images_dir, split_by)
+    chosen = _choose_splits(_ordered(r["split"] for r in refs), splits, sources["refs"])
+    by_split = _items_by_split(refs, chosen, limit, lambda ref: gref_item(ref, images, anns, images_root))
+    return by_split, {"dataset": GREFCOCO, "split_by": split_by, "splits": chosen, "limit": limit}, sources
 
 
 def held_out_images(refer_root: str | Path) -> tuple[set[int], list[str]]:
@@ -194,7 +214,7 @@ def combined_items(refer_root, images_dir, splits, limit: int | None) -> tuple[d
         if not wanted:
             continue
         images, anns = load_instances(instances_path)
-        for split, items in _items_by_split(refs, dataset, images, anns, images_root, wanted, None).items():
+        for split, items in _refer_items(refs, wanted, None, dataset, images, anns, images_root).items():
             if split == "train":
                 kept = [it for it in items if it["image_id"] not in held]
                 excluded_refs += len(items) - len(kept)

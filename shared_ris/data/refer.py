@@ -290,6 +290,17 @@ def _check_image(path: str, data: bytes, width: int, height: int) -> tuple[str |
     return (None, _last_image["problem"]) if _last_image["problem"] else (_last_image["extension"], None)
 
 
+def _item_mask(item: dict) -> np.ndarray:
+    """The item's one ``segmentation``, or the union of its ``segmentations`` (gRefCOCO; none: empty)."""
+    height, width = item["height"], item["width"]
+    if "segmentations" not in item:
+        return annotation_mask(item["segmentation"], height, width)
+    mask = np.zeros((height, width), np.uint8)
+    for segmentation in item["segmentations"]:
+        mask |= annotation_mask(segmentation, height, width)
+    return mask
+
+
 def make_refer_sample(item: dict) -> tuple[dict | None, list[dict]]:
     """An item → (shard sample or None, skip records). Runs in worker processes.
 
@@ -315,12 +326,13 @@ def make_refer_sample(item: dict) -> tuple[dict | None, list[dict]]:
     if problem:
         return None, [skipped(problem, path=path)]
     try:
-        mask = annotation_mask(item["segmentation"], item["height"], item["width"])
+        mask = _item_mask(item)
     except Exception as exc:  # pycocotools raises bare Exceptions on malformed input
         return None, [skipped(f"bad segmentation ({exc})")]
     meta = {k: item[k] for k in ("ref_id", "ann_id", "image_id", "category_id", "bbox", "split", "dataset", "width", "height")}
     meta["empty_mask"] = not mask.any()
     meta["sentences"] = item["sentences"]
+    meta.update(item.get("meta", {}))
     sample = {
         "__key__": item["key"],
         extension: image_bytes,

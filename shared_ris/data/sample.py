@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import DataError, short_repr
+from .targets import is_no_target, mask_is_learnable, target_count, target_count_problem
 from .transforms import load_image
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
@@ -25,7 +26,8 @@ class Sample:
 
     Every ref and sentence of the dataset is kept (evaluation scores them all); what training cannot
     learn from is flagged: a text that is empty (or only spaces) as it stands, a ref whose mask is
-    empty by ``"empty_mask": true`` in its JSON (absent means false).
+    empty by ``"empty_mask": true`` in its JSON (absent means false), unless it is a no-target
+    sample (``"target_count": 0``, gRefCOCO), whose empty mask is the answer to learn.
     """
 
     key: str
@@ -39,9 +41,18 @@ class Sample:
     def empty_mask(self) -> bool:
         return self.meta.get("empty_mask") is True
 
+    @property
+    def target_count(self) -> int:
+        """Objects the expressions name: 0 (no target), 1, or more (1 when the JSON does not say)."""
+        return target_count(self.meta)
+
+    @property
+    def no_target(self) -> bool:
+        return is_no_target(self.meta)
+
     def trainable_texts(self, text_field: str) -> list[str]:
-        """The texts training may draw from: none for an empty mask, else the non-empty ones."""
-        return [] if self.empty_mask else [s[text_field] for s in self.sentences if s[text_field].strip()]
+        """The texts training may draw from: none for an unlearnable empty mask, else the non-empty ones."""
+        return [s[text_field] for s in self.sentences if s[text_field].strip()] if mask_is_learnable(self.meta) else []
 
     def fail(self, problem: str) -> DataError:
         return DataError(f"{self.where}: sample {self.key}: {problem}; {FIX}")
@@ -92,6 +103,9 @@ def parse_sample(raw: dict, where: str, text_field: str) -> Sample:
     sample.sentences = _check_sentences(sample, meta.get("sentences"), text_field)
     if not isinstance(meta.get("empty_mask", False), bool):
         raise sample.fail(f"'empty_mask' must be true or false, got {short_repr(meta['empty_mask'])}")
+    problem = target_count_problem(meta)
+    if problem:
+        raise sample.fail(problem)
     return sample
 
 

@@ -6,8 +6,8 @@ directly (every ref once per epoch, in a fresh permutation, like ``DistributedSa
     {"format": 1, "shard": NAME.tar, "shard_bytes": int, "shard_sha256": hex,
      "samples": [{"key": str, "members": {ext: [offset, size, sha256]}, "trainable": ["sent", "raw"]}]}
 
-``trainable`` lists the text fields with which training can learn from the sample (no empty mask,
-a non-empty text), so the sampler chooses samples without reading them. The index is data like
+``trainable`` lists the text fields with which training can learn from the sample (a learnable mask,
+see :mod:`.targets`, and a non-empty text), so the sampler chooses samples without reading them. The index is data like
 the shard: the manifest records its SHA-256, it must name its shard's size and digest, every
 member must lie inside the shard, and every member read is checked against its own SHA-256.
 """
@@ -24,6 +24,7 @@ from typing import BinaryIO
 from ..fileio import file_sha256, write_text_atomic
 from .errors import DataError
 from .shard_reader import MAX_MEMBER_BYTES, MEMBER, ShardInfo
+from .targets import mask_is_learnable
 
 INDEX_FORMAT = 1
 TEXT_FIELDS = ("sent", "raw")
@@ -63,7 +64,7 @@ def _trainable_fields(data: bytes) -> list[str]:
     sentences = meta.get("sentences") if isinstance(meta, dict) else None
     if not (isinstance(sentences, list) and all(isinstance(s, dict) for s in sentences)):
         return list(TEXT_FIELDS)
-    if meta.get("empty_mask") is True:
+    if not mask_is_learnable(meta):
         return []
     return [field for field in TEXT_FIELDS if any(str(s.get(field) or "").strip() for s in sentences)]
 

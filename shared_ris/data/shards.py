@@ -28,6 +28,7 @@ from ..fileio import atomic_write, check_output_folder, confined, file_sha256
 from .errors import DataError
 from .location import check_shard_name
 from .shard_index import TEXT_FIELDS, index_name, write_index  # TEXT_FIELDS: data.text_field's choices
+from .targets import TARGET_GROUPS, mask_is_learnable, target_count, target_group
 from .manifest import MANIFEST, load_manifest_file, write_manifest
 
 DEFAULT_SHARD_SIZE = 1000
@@ -128,7 +129,8 @@ def _no_flags() -> dict:
 def _count_sample(stats: dict, meta: dict) -> None:
     """Add one written sample to a shard's (or split's) counts, flagged ones included: a sample
     with ``"empty_mask": true``, a sentence whose text is empty. ``trainable_samples[field]``
-    counts the samples training can learn from with that text field (see :mod:`.loader`)."""
+    counts the samples training can learn from with that text field (see :mod:`.loader`). A
+    generalized sample (with ``target_count``) is also counted by target count ("0", "1", "2+")."""
     sentences = meta["sentences"]
     stats["samples"] += 1
     stats["sentences"] += len(sentences)
@@ -137,7 +139,11 @@ def _count_sample(stats: dict, meta: dict) -> None:
     for field in TEXT_FIELDS:
         filled = sum(1 for s in sentences if str(s.get(field) or "").strip())
         stats["empty_text_sentences"][field] += len(sentences) - filled
-        stats["trainable_samples"][field] += bool(filled) and not empty_mask
+        stats["trainable_samples"][field] += bool(filled) and mask_is_learnable(meta)
+    if "target_count" in meta:
+        group = target_group(target_count(meta))
+        for key, n in (("target_samples", 1), ("target_sentences", len(sentences))):
+            stats.setdefault(key, dict.fromkeys(TARGET_GROUPS, 0))[group] += n
 
 
 # -- main side --------------------------------------------------------------------------------------
@@ -297,6 +303,9 @@ def _add_flags(split: dict, stats: dict) -> None:
     for field in TEXT_FIELDS:
         split["empty_text_sentences"][field] += stats.get("empty_text_sentences", {}).get(field, 0)
         split["trainable_samples"][field] += stats.get("trainable_samples", {}).get(field, stats["samples"])
+    for key in ("target_samples", "target_sentences"):  # generalized sets only
+        for group, n in stats.get(key, {}).items():
+            split.setdefault(key, dict.fromkeys(TARGET_GROUPS, 0))[group] += n
 
 
 def skip_counts(skipped: list[dict]) -> dict[str, int]:

@@ -51,6 +51,19 @@ SPATIAL_TEMPLATES = {
     "top": ("the {thing} at the top", "the topmost {thing}"),
     "bottom": ("the {thing} at the bottom", "the lowest {thing}"),
 }
+# Generalized set (gRefCOCO-style): several targets named by a plural group, or none. {group} is the
+# plural noun phrase of an attribute combination; "both"/"two"/"three" only when the count is right.
+PLURAL_GROUPS = {
+    ("colour",): "{colour} shapes",
+    ("shape",): "{shape}s",
+    ("colour", "shape"): "{colour} {shape}s",
+    ("size", "shape"): "{size} {shape}s",
+    ("size", "colour"): "{size} {colour} shapes",
+}
+PLURAL_TEMPLATES = ("the {group}", "all the {group}")
+COUNT_TEMPLATES = {2: ("both {group}", "the two {group}"), 3: ("the three {group}",)}
+KIND_ODDS = {"one": 0.4, "several": 0.3, "none": 0.3}  # of a generalized ref's target kind
+
 # The words only relational expressions use ("left", "leftmost", …), e.g. to score them apart.
 RELATION_WORDS = frozenset(
     word for templates in SPATIAL_TEMPLATES.values() for t in templates for word in t.split()
@@ -115,8 +128,48 @@ def expressions(
     return found
 
 
-def vocabulary_sentences() -> list[str]:
-    """Every expression the generator can write (for training the tokenizer)."""
+def _matching(objects: list[Shape], attrs: dict[str, str]) -> list[int]:
+    return [i for i, o in enumerate(objects) if all(getattr(o, k) == v for k, v in attrs.items())]
+
+
+def _plural_texts(attrs: dict[str, str], count: int) -> list[str]:
+    """Every phrasing of "these ``count`` objects with ``attrs``" ("the red circles", "both circles")."""
+    group = PLURAL_GROUPS[tuple(attrs)].format(**attrs)
+    return [tpl.format(group=group) for tpl in PLURAL_TEMPLATES + COUNT_TEMPLATES.get(count, ())]
+
+
+def several_targets(objects: list[Shape], rng: np.random.Generator) -> tuple[list[int], list[str]]:
+    """A random group of 2+ objects that share an attribute combination, and its phrasings."""
+    groups = {}
+    for keys in PLURAL_GROUPS:
+        for o in objects:
+            attrs = {k: getattr(o, k) for k in keys}
+            members = _matching(objects, attrs)
+            if len(members) >= 2:
+                groups[tuple(attrs.items())] = members
+    attrs = list(groups)[int(rng.integers(len(groups)))]  # the scene always has a colour twin: never empty
+    return groups[attrs], _plural_texts(dict(attrs), len(groups[attrs]))
+
+
+def no_target(objects: list[Shape], rng: np.random.Generator) -> list[str]:
+    """Phrasings of one attribute combination no object has, preferably one whose every word
+    fits some object ("the green triangle" beside a green square and a red triangle)."""
+    values = {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES)}
+    absent, subtle = [], []
+    for keys, templates in ATTRIBUTE_TEMPLATES.items():
+        for combo in itertools.product(*(values[k] for k in keys)):
+            attrs = dict(zip(keys, combo))
+            if not _matching(objects, attrs):
+                absent.append((templates, attrs))
+                if all(_matching(objects, {k: v}) for k, v in attrs.items()):
+                    subtle.append((templates, attrs))
+    templates, attrs = (subtle or absent)[int(rng.integers(len(subtle or absent)))]
+    return [tpl.format(**attrs) for tpl in templates]
+
+
+def vocabulary_sentences(generalized: bool = False) -> list[str]:
+    """Every expression the generator can write (for training the tokenizer); with
+    ``generalized``, the plural ones too."""
     values = {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES)}
     out = []
     for keys, templates in ATTRIBUTE_TEMPLATES.items():
@@ -124,6 +177,10 @@ def vocabulary_sentences() -> list[str]:
             out += [tpl.format(**dict(zip(keys, combo))) for tpl in templates]
     things = list(SHAPES) + [f"{c} one" for c in COLOURS]
     out += [tpl.format(thing=thing) for templates in SPATIAL_TEMPLATES.values() for tpl in templates for thing in things]
+    if generalized:
+        for keys in PLURAL_GROUPS:
+            for combo in itertools.product(*(values[k] for k in keys)):
+                out += [text for count in (2, 3) for text in _plural_texts(dict(zip(keys, combo)), count)]
     return out
 
 
@@ -195,30 +252,48 @@ def make_scene(rng: np.random.Generator, size: int, attempts: int = 100):
     raise RuntimeError("could not place the shapes; the image size is too small")  # pragma: no cover
 
 
-def make_synthetic_sample(item: dict) -> tuple[dict, list[dict]]:
-    """One ref: image, visible mask of the target, 2-3 expressions that each select only it."""
-    size, spatial = item["size"], item.get("spatial", False)
-    rng = np.random.default_rng([item["seed"], STREAMS[item["split"]], item["index"]])
-    while True:  # a scene where at least two different cue combinations single out the target
+def _referred_scene(rng: np.random.Generator, size: int, spatial: bool, generalized: bool):
+    """(image, objects, label map, target indices, 2-3 texts). Classic: the target is object 0 and
+    at least two cue combinations single it out. Generalized: also a group of 2+ objects, or none."""
+    kind = str(rng.choice(list(KIND_ODDS), p=list(KIND_ODDS.values()))) if generalized else "one"
+    while True:
         image, objects, labels = make_scene(rng, size)
-        found = expressions(objects, 0, size, rng, spatial)
-        if len(found) >= 2:
-            break
-    texts = [found[j][1] for j in rng.permutation(len(found))[: int(rng.integers(2, 4))]]
-    mask = (labels == 0).astype(np.uint8)
+        if kind == "several":
+            targets, phrasings = several_targets(objects, rng)
+        elif kind == "none":
+            targets, phrasings = [], no_target(objects, rng)
+        else:
+            targets, phrasings = [0], [text for _, text in expressions(objects, 0, size, rng, spatial)]
+            if len(phrasings) < 2:
+                continue
+        texts = [phrasings[j] for j in rng.permutation(len(phrasings))[: int(rng.integers(2, 4))]]
+        return image, objects, labels, targets, texts
+
+
+def _bbox(mask: np.ndarray) -> list[int] | None:
     ys, xs = np.nonzero(mask)
-    target = objects[0]
+    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)] if len(xs) else None
+
+
+def make_synthetic_sample(item: dict) -> tuple[dict, list[dict]]:
+    """One ref: image, visible mask of its target(s), 2-3 expressions that each select exactly them."""
+    size, spatial, generalized = item["size"], item.get("spatial", False), item.get("generalized", False)
+    rng = np.random.default_rng([item["seed"], STREAMS[item["split"]], item["index"]])
+    image, objects, labels, targets, texts = _referred_scene(rng, size, spatial, generalized)
+    mask = np.isin(labels, targets).astype(np.uint8)
+    categories = [SHAPES.index(objects[i].shape) + 1 for i in targets]
     meta = {
         "ref_id": item["ref_id"], "ann_id": item["ref_id"], "image_id": item["image_id"],
-        "category_id": SHAPES.index(target.shape) + 1,
-        "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)],
+        "category_id": categories if generalized else categories[0], "bbox": _bbox(mask),
         "split": item["split"], "dataset": DATASET, "width": size, "height": size,
         "sentences": [{"sent_id": item["ref_id"] * 10 + k, "sent": text, "raw": raw_text(text)} for k, text in enumerate(texts)],
         "objects": [  # the scene, target first, for analyses (e.g. IoU by cue) and tests
             {"shape": o.shape, "colour": o.colour, "size": o.size, "cx": round(o.cx, 2), "cy": round(o.cy, 2), "r": round(o.r, 2)}
             for o in objects
         ],
-    }
+    }  # fmt: skip
+    if generalized:  # which objects the expressions name (indices into "objects"), as gRefCOCO's list ann_id
+        meta.update(target_count=len(targets), targets=targets, empty_mask=not targets)
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG", quality=92)
     sample = {
@@ -233,12 +308,13 @@ def make_synthetic_sample(item: dict) -> tuple[dict, list[dict]]:
 # -- tokenizer and entry point ------------------------------------------------------------------------
 
 
-def train_tokenizer(path: str | Path, vocab_size: int = 128) -> Path:
-    """A small BPE sentencepiece model over every expression the generator writes (sent and raw).
+def train_tokenizer(path: str | Path, vocab_size: int = 128, generalized: bool = False) -> Path:
+    """A small BPE sentencepiece model over every expression the generator writes (sent and raw;
+    the plural ones too with ``generalized``).
 
     BPE at 128 pieces keeps every word of the generator whole and still spells unseen words.
     """
-    sentences = vocabulary_sentences()
+    sentences = vocabulary_sentences(generalized)
     corpus = sentences + [raw_text(s) for s in sentences]
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -258,6 +334,7 @@ def prepare_synthetic(
     progress: Progress | None = None,
     *,
     spatial: bool = False,
+    generalized: bool = False,
     workers: int | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     overwrite: bool = False,
@@ -269,6 +346,10 @@ def prepare_synthetic(
         size: image side in pixels (at least 64).
         seed: the whole set is a function of it (and of the counts, size and ``spatial``).
         spatial: also write relational expressions ("the leftmost red one"); see the module docstring.
+        generalized: gRefCOCO-style refs: besides one target (40%), a group of 2+ objects named
+            by a plural ("all the red shapes", "the two circles", 30%) or an attribute combination
+            no object has ("the green triangle", 30%; empty mask). Each sample's JSON says
+            ``target_count``; the manifest says ``"generalized": true``.
         progress, workers, shard_size, overwrite: as :func:`prepare_refer`.
     """
     if size < 64:
@@ -277,29 +358,37 @@ def prepare_synthetic(
     if any(n < 0 for n in counts.values()) or not any(counts.values()):
         raise DataError(f"sample counts must be >= 0 and not all 0, got train={train} val={val} test={test}")
     splits = {
-        split: [{"split": split, "index": i, "ref_id": i, "image_id": i, "seed": seed, "size": size, "spatial": spatial} for i in range(n)]
+        split: [_item(split, i, seed, size, spatial, generalized) for i in range(n)]
         for split, n in counts.items() if n
     }
-    config = {"dataset": DATASET, "counts": counts, "size": size, "seed": seed, "spatial": spatial, "shard_size": shard_size}
-    sources = {"generator": "shared_ris.data.synthetic", "seed": seed, "size": size, "spatial": spatial}
+    # "generalized" only when set, so that a folder prepared before it existed still resumes
+    options = {"spatial": spatial, **({"generalized": True} if generalized else {})}
+    config = {"dataset": DATASET, "counts": counts, "size": size, "seed": seed, **options, "shard_size": shard_size}
+    sources = {"generator": "shared_ris.data.synthetic", "seed": seed, "size": size, **options}
     manifest = write_dataset(
         DATASET, out_dir, splits, make_synthetic_sample, config=config, sources=sources, shard_size=shard_size,
         workers=workers, strict=True, overwrite=overwrite, progress=progress,
-        extra={"tokenizer": "spm.model"},
+        extra={"tokenizer": "spm.model", **({"generalized": True} if generalized else {})},
     )
-    train_tokenizer(Path(out_dir) / "spm.model")
+    train_tokenizer(Path(out_dir) / "spm.model", generalized=generalized)
     return manifest
 
 
-def export_examples(out_dir: str | Path, count: int = 8, size: int = 128, seed: int = 0, spatial: bool = False) -> Path:
+def _item(split: str, index: int, seed: int, size: int, spatial: bool, generalized: bool) -> dict:
+    item = {"split": split, "index": index, "ref_id": index, "image_id": index, "seed": seed, "size": size, "spatial": spatial}
+    return {**item, "generalized": True} if generalized else item
+
+
+def export_examples(
+    out_dir: str | Path, count: int = 8, size: int = 128, seed: int = 0, spatial: bool = False, generalized: bool = False
+) -> Path:
     """Write ``count`` fresh scenes (in no split) as ``NNN.jpg`` plus ``prompts.jsonl`` with one
     expression per image, ready for ``sris predict DIR --prompts DIR/prompts.jsonl``. Returns DIR."""
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
     lines = []
     for index in range(count):
-        item = {"split": EXAMPLES, "index": index, "ref_id": index, "image_id": index, "seed": seed, "size": size, "spatial": spatial}
-        sample, _ = make_synthetic_sample(item)
+        sample, _ = make_synthetic_sample(_item(EXAMPLES, index, seed, size, spatial, generalized))
         name = f"{index:03d}.jpg"
         (folder / name).write_bytes(sample["jpg"])
         lines.append(json.dumps({"file": name, "text": json.loads(sample["json"])["sentences"][0]["sent"]}))
