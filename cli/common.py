@@ -56,7 +56,16 @@ def user_errors(fn: Callable) -> Callable:
 
 
 def write_json(path: Path, document: dict) -> None:
-    """Write a report (creating its folder) and say where it went."""
+    """Write a report (creating its folder) and say where it went. A NaN (a figure with nothing to
+    count, e.g. N-acc of a split without no-target expressions) is written as null: strict JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(document, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(_nan_to_null(document), indent=2, allow_nan=False) + "\n")
+
+
+def _nan_to_null(value):
+    if isinstance(value, dict):
+        return {k: _nan_to_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nan_to_null(v) for v in value]
+    return None if isinstance(value, float) and value != value else value
     console.print(f"wrote {path}")

@@ -13,6 +13,7 @@ from rich.table import Table
 from shared_ris.data.location import data_location
 from shared_ris.distributed import check_gpus, is_main_process, under_torchrun
 from shared_ris.fileio import check_output_file, check_output_folder
+from shared_ris.model import NoTargetRule
 from shared_ris.evaluate import PROTOCOLS, RESOLUTIONS, check_eval_inputs, evaluate_run, parse_splits, resolve_protocol
 from shared_ris.visualize import plot_iou_by_size
 
@@ -49,6 +50,24 @@ def render_split(split: str, figures: dict, protocol_line: str) -> None:
         )  # fmt: skip
     console.print(sizes)
     console.print(protocol_line, style="dim", highlight=False, soft_wrap=True)
+
+
+GENERALIZED_COLUMNS = ("gIoU", "cIoU", "N-acc", "T-acc", "Pr@0.7", "Pr@0.8", "Pr@0.9")
+GROUP_NAMES = {"all": "all", "0": "no target", "1": "one target", "2+": "2+ targets"}
+
+
+def render_generalized(split: str, figures: dict, rule: str) -> None:
+    """gRefCOCO's figures (ReLA's evaluator) over all expressions and by target count."""
+    table = Table(title=f"{split}: generalized (gRefCOCO) figures")
+    table.add_column("expressions")
+    for column in GENERALIZED_COLUMNS:
+        table.add_column(f"{column} (%)", justify="right")
+    table.add_column("n", justify="right")
+    for group, row in figures.items():
+        cells = ("-" if row[k] != row[k] else _percent(row[k]) for k in GENERALIZED_COLUMNS)  # nan: no expression of that kind
+        table.add_row(GROUP_NAMES.get(group, group), *cells, str(row["n"]))
+    console.print(table)
+    console.print(f"no-target decision: {rule}; N-acc over no-target expressions, T-acc and Pr@X over the others", style="dim", highlight=False)
 
 
 def _check_options(gpus: int, nproc: int, workers: int | None, batch_size: int | None) -> None:
@@ -93,6 +112,11 @@ def evaluate(
         "DIR/{split}/gt/{key}.png (0/255, at the scoring resolution: the image's size, or S×S under --resolution input).",
     ),  # fmt: skip
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw mIoU by target size as a bar chart (PNG)."),
+    no_target_area: Optional[int] = typer.Option(
+        None, "--no-target-area", min=0,
+        help="Decide 'names nothing' by the area rule: a mask under this many pixels at the input size (0: never), "
+        "instead of the model's own rule (its no-target head, or the recipe's model.no_target_min_area).",
+    ),  # fmt: skip
 ) -> None:
     """Score a trained checkpoint on prepared splits: oIoU, mIoU, P@0.5/0.7/0.9 and IoU by target size."""
     chosen = resolve_protocol(
@@ -130,12 +154,15 @@ def evaluate(
         report = evaluate_run(
             checkpoint, location, splits, tokenizer=tokenizer, protocol=chosen, save_masks=save_masks, device=device,
             batch_size=batch_size, num_workers=workers, progress=advance,
+            no_target=None if no_target_area is None else NoTargetRule(head=False, min_area=no_target_area),
         )  # fmt: skip
     if not is_main:
         return
     line = report["protocol"]["description"]
     for name, figures in report["splits"].items():
         render_split(name, figures, line)
+        if "generalized" in figures:
+            render_generalized(name, figures["generalized"], report["no_target_rule"])
     if json_path is not None:
         write_json(json_path, report)
     if save_masks is not None:

@@ -66,6 +66,8 @@ def predict(
         )  # fmt: skip
     # names and texts are data: escaped, so that "[/x]" in one is printed, not taken for console markup
     console.print(f"{summary.predictions} prediction(s) written to {escape(str(summary.out_dir))} (index: {escape(str(summary.jsonl))})")
+    if summary.no_target:
+        console.print(f"{summary.no_target} of them decided 'no target' (empty mask; no_target: true in the index)")
     if summary.ignored:
         console.print(f"ignored {len(summary.ignored)} file(s) without an image suffix", style="dim")
     if summary.skipped:

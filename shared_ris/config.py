@@ -68,12 +68,17 @@ class ModelConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     fpn: FPNConfig = field(default_factory=FPNConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    # Generalized RIS (gRefCOCO): a classifier deciding "the expression names nothing" (ReLA's
+    # no-target branch), or, without it, "no target" when the mask has < no_target_min_area pixels at S×S.
+    no_target_head: bool = False
+    no_target_min_area: int = 0  # 0: off
 
 
 @dataclass
 class LossConfig:
     bce_weight: float = 2.0
     dice_weight: float = 0.5
+    no_target_weight: float = 1.0  # BCE of the no-target head (when the model has one)
 
 
 @dataclass
@@ -289,6 +294,7 @@ RANGES = {
     "model.encoder.ffn_dim": "[1, inf)", "model.encoder.vocab_size": "[4, inf)", "model.encoder.patch_size": "[1, inf)",
     "model.encoder.drop_path_rate": "[0, 1)", "model.fpn.dim": "[1, inf)", "model.fpn.num_heads": "[1, inf)",
     "model.decoder.num_heads": "[1, inf)", "model.decoder.mlp_ratio": "(0, inf)", "model.decoder.upsample_blocks": "[0, inf)",
+    "model.no_target_min_area": "[0, inf)", "loss.no_target_weight": "[0, inf)",
     "loss.bce_weight": "[0, inf)", "loss.dice_weight": "[0, inf)", "data.shuffle_buffer": "[1, inf)", "data.num_workers": "[0, inf)",
     "train.epochs": "[1, inf)", "train.max_steps": "[0, inf)", "train.batch_size": "[1, inf)", "train.lr": "(0, inf)",
     "train.accumulate_steps": "[1, inf)",

@@ -26,7 +26,7 @@ from .distributed import setup, teardown
 from .errors import SharedRISError
 from .fileio import confined
 from .metrics import MetricAccumulator
-from .model import logits_to_mask
+from .model import NoTargetRule, logits_to_mask, run_model
 from .model.postprocess import cris_probabilities
 from .visualize import save_mask
 
@@ -128,6 +128,7 @@ def evaluate_model(
     on_target: Callable[[str, torch.Tensor], None] | None = None,
     resize: str = "stretch",
     resampling: str = "bilinear",
+    no_target: NoTargetRule | None = None,
 ) -> MetricAccumulator:
     """Score every expression the loader yields.
 
@@ -135,6 +136,9 @@ def evaluate_model(
     ``"input"`` scores at the model's input size (S×S) against the mask resized as LAVT resizes it
     (:func:`lavt_target`; letterboxed like the image when ``resize="letterbox"``). ``resampling``:
     ``"bilinear"`` (ours) or ``"cris"`` (:func:`shared_ris.model.postprocess.cris_probabilities`).
+    ``no_target`` decides which expressions name nothing (default: the model's own rule, see
+    :class:`~shared_ris.model.NoTargetRule`); such a mask is scored as empty, and the decision is
+    recorded for the generalized figures.
     Under torch.distributed every rank scores its share and the exact integer records of all ranks
     are merged, so each rank returns the accumulator of the whole split. ``progress(n)`` is called
     per batch with the batch's size. ``on_mask(key, sent_id, mask)`` gets each scored prediction and
@@ -144,23 +148,24 @@ def evaluate_model(
     if resolution not in RESOLUTIONS:
         raise ValueError(f"resolution must be 'original' or 'input', got {resolution!r}")
     device = torch.device(device)
+    rule = NoTargetRule.of(model) if no_target is None else no_target
     was_training = model.training
     model.eval()
     acc = MetricAccumulator()
     targets = _Targets(resolution, resize)
     for batch in loader:
+        inputs = (batch["images"].to(device), batch["text_ids"].to(device), batch["text_padding_mask"].to(device))
         with autocast(device, amp):
-            logits = model(
-                batch["images"].to(device), batch["text_ids"].to(device), batch["text_padding_mask"].to(device)
-            )
+            logits, no_target_logits = run_model(model, rule, *inputs)
         logits = logits.float().cpu()
         side = batch["images"].shape[-1]
+        decided = rule.decide(logits, None if no_target_logits is None else no_target_logits.cpu(), side, threshold)
         for i, (key, sent_id) in enumerate(zip(batch["keys"], batch["sent_ids"])):
             target = targets.get(key, torch.as_tensor(batch["orig_masks"][i]).bool(), side)
             pred = _predicted_mask(logits[i], target.shape, threshold, resolution, resampling, targets.box, side)
-            acc.add(f"{key}_{sent_id}", pred, target)
+            acc.add(f"{key}_{sent_id}", pred, target, bool(decided[i]), batch.get("target_counts", [1] * len(decided))[i])
             if on_mask is not None:
-                on_mask(key, sent_id, pred)
+                on_mask(key, sent_id, torch.zeros_like(pred) if decided[i] else pred)
             if on_target is not None:
                 on_target(key, target)
         if progress is not None:
@@ -267,11 +272,17 @@ def evaluate_run(
     batch_size: int | None = None,
     num_workers: int | None = None,
     progress: Callable[[str, int, int | None], None] | None = None,
+    no_target: NoTargetRule | None = None,
 ) -> dict:
     """Evaluate a trained checkpoint on prepared splits; returns the ``sris eval --json`` document::
 
-        {"checkpoint": str, "protocol": {...}, "splits": {split: {"oIoU", "mIoU", "P@0.5", "P@0.7",
-         "P@0.9", "n", "by_size": [{"lo", "hi", "n", "mIoU", "oIoU"}, ...]}}}
+        {"checkpoint": str, "protocol": {...}, "no_target_rule": str, "splits": {split: {"oIoU", "mIoU",
+         "P@0.5", "P@0.7", "P@0.9", "n", "by_size": [{"lo", "hi", "n", "mIoU", "oIoU"}, ...],
+         "generalized": {"all" | "0" | "1" | "2+": {"gIoU", "cIoU", "N-acc", "T-acc", "Pr@0.7", ...}}}}}
+
+    ``generalized`` is there when the data set is (gRefCOCO, ``prepare synthetic --generalized``);
+    ``no_target`` overrides the model's rule for deciding "names nothing" (e.g. the area rule on a
+    model with a head, to compare the two).
 
     IoUs are fractions in [0, 1]. ``protocol`` is a preset name or a :class:`Protocol` (default:
     the protocol of training's validation; single choices: ``resolve_protocol("lavt", empty_iou=1)``);
@@ -292,6 +303,8 @@ def evaluate_run(
         model, recipe, text_tokenizer = load_run(checkpoint, tokenizer, device=env.device, data_dir=_local_folder(location))
         if protocol.threshold is None:
             protocol = replace(protocol, threshold=recipe.model.threshold)
+        rule = NoTargetRule.of(model) if no_target is None else no_target
+        generalized = read_manifest(location).get("generalized") is True
         loaders = {  # built up front, so a missing split fails before the first one is scored
             split: build_eval_loader(
                 location, split, recipe, text_tokenizer, rank=env.rank, world_size=env.world_size,
@@ -306,16 +319,17 @@ def evaluate_run(
             acc = evaluate_model(
                 model, loader, threshold=protocol.threshold, resolution=protocol.resolution, device=env.device,
                 amp=recipe.train.amp, progress=progress_of_split, on_mask=saver and saver.mask, on_target=saver and saver.target,
-                resize=recipe.data.resize, resampling=protocol.resampling,
+                resize=recipe.data.resize, resampling=protocol.resampling, no_target=rule,
             )  # fmt: skip
             _check_count(acc, loader.sentences, location, split)
-            results[split] = acc.summary(inclusive=protocol.inclusive, empty_iou=protocol.empty_iou)
+            results[split] = acc.summary(inclusive=protocol.inclusive, empty_iou=protocol.empty_iou, generalized=generalized)
     finally:
         if joined_here:
             teardown(env)
     return {
         "checkpoint": str(checkpoint),
         "protocol": {**protocol.to_dict(), "image_size": recipe.model.image_size, "description": protocol.describe(recipe.model.image_size)},
+        "no_target_rule": rule.describe(),
         "splits": results,
     }
 

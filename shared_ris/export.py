@@ -314,6 +314,11 @@ def export_onnx(
     for module in ("onnx", "onnxruntime", "onnxscript"):
         require(module)  # before the model loads: a missing extra is the first thing said
     model, recipe, text_tokenizer = load_run(checkpoint, tokenizer)
+    if model.no_target_head is not None:
+        raise SharedRISError(
+            f"{checkpoint}: its model has a no-target head (generalized RIS), which the ONNX export does not carry yet; "
+            "use --format bundle, or a model trained without the head (its recipe's area rule, model.no_target_min_area, does export)"
+        )
     samples = encode_samples(*verification_samples(recipe, verify_prompts, verify_samples), recipe, text_tokenizer)
     metadata = OnnxMetadata(recipe, Path(text_tokenizer.path).read_bytes(), model.threshold, quantize, source=Path(checkpoint).name)
     out.parent.mkdir(parents=True, exist_ok=True)

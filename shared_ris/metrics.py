@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .generalized_metrics import summarize_by_target_count
+
 PRECISION_THRESHOLDS = (0.5, 0.7, 0.9)
 # Target area / image area bins of the paper's Fig. 6.
 SIZE_BINS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
@@ -84,42 +86,60 @@ def iou_by_size(
 @dataclass
 class MetricAccumulator:
     """Collects one record per expression; records are exact integers, so merging the records of
-    several ranks (sorted by key) reproduces the single-process figures to the last digit."""
+    several ranks (sorted by key) reproduces the single-process figures to the last digit.
+
+    For generalized RIS each record also keeps the decision "names nothing" and the target count;
+    the plain figures score the mask as emptied by that decision, the generalized ones (ReLA's
+    rules, :mod:`.generalized_metrics`) take the mask as predicted with the decision beside it.
+    """
 
     keys: list[str] = field(default_factory=list)
     intersections: list[int] = field(default_factory=list)
     unions: list[int] = field(default_factory=list)
     target_areas: list[int] = field(default_factory=list)
     image_areas: list[int] = field(default_factory=list)
+    raw_intersections: list[int] = field(default_factory=list)  # of the mask before a no-target decision emptied it
+    raw_unions: list[int] = field(default_factory=list)
+    decided_no_target: list[bool] = field(default_factory=list)
+    target_counts: list[int] = field(default_factory=list)
 
-    def add(self, key: str, pred: torch.Tensor, target: torch.Tensor) -> tuple[int, int]:
-        """Add one expression: pred and target are boolean masks at the scoring resolution."""
+    def add(self, key: str, pred: torch.Tensor, target: torch.Tensor, decided_no_target: bool = False, target_count: int = 1) -> tuple[int, int]:
+        """Add one expression: pred (as predicted) and target are boolean masks at the scoring
+        resolution; ``decided_no_target`` empties pred for the plain figures. Returns the scored (I, U)."""
         inter, union = intersection_union(pred, target)
-        self.keys.append(key)
-        self.intersections.append(inter)
-        self.unions.append(union)
-        self.target_areas.append(int(target.bool().sum()))
-        self.image_areas.append(int(target.numel()))
-        return inter, union
+        target_area = int(target.bool().sum())
+        self._append((key, *((0, target_area) if decided_no_target else (inter, union)), target_area, int(target.numel()),
+                      inter, union, bool(decided_no_target), int(target_count)))  # fmt: skip
+        return self.intersections[-1], self.unions[-1]
 
-    def records(self) -> list[tuple[str, int, int, int, int]]:
-        return list(zip(self.keys, self.intersections, self.unions, self.target_areas, self.image_areas))
+    def _append(self, record: tuple) -> None:
+        for column, value in zip(self._columns(), record):
+            column.append(value)
+
+    def _columns(self) -> tuple[list, ...]:
+        return (self.keys, self.intersections, self.unions, self.target_areas, self.image_areas,
+                self.raw_intersections, self.raw_unions, self.decided_no_target, self.target_counts)  # fmt: skip
+
+    def records(self) -> list[tuple]:
+        return list(zip(*self._columns()))
 
     @classmethod
-    def from_records(cls, records: list[tuple[str, int, int, int, int]]) -> "MetricAccumulator":
+    def from_records(cls, records: list[tuple]) -> "MetricAccumulator":
         acc = cls()
-        for key, inter, union, target_area, image_area in sorted(records):
-            acc.keys.append(key)
-            acc.intersections.append(inter)
-            acc.unions.append(union)
-            acc.target_areas.append(target_area)
-            acc.image_areas.append(image_area)
+        for record in sorted(records):
+            acc._append(record)
         return acc
 
-    def summary(self, thresholds: tuple[float, ...] = PRECISION_THRESHOLDS, inclusive: bool = False, empty_iou: float = 1.0) -> dict:
+    def summary(
+        self, thresholds: tuple[float, ...] = PRECISION_THRESHOLDS, inclusive: bool = False, empty_iou: float = 1.0, generalized: bool = False
+    ) -> dict:
+        """The plain figures and ``by_size``; with ``generalized``, also ``"generalized"``: gIoU,
+        cIoU, N-acc, T-acc, Pr@X over all expressions and by target count ("0", "1", "2+")."""
         out = summarize(np.array(self.intersections), np.array(self.unions), thresholds, inclusive, empty_iou)
         out["by_size"] = iou_by_size(
             np.array(self.intersections), np.array(self.unions), np.array(self.target_areas), np.array(self.image_areas),
             empty_iou=empty_iou,
         )
+        if generalized:
+            out["generalized"] = summarize_by_target_count(self.raw_intersections, self.raw_unions, self.target_counts, self.decided_no_target)
         return out

@@ -267,6 +267,12 @@ class OnnxModel:
     def threshold(self) -> float:
         return self.metadata.threshold
 
+    no_target_head = None  # not exported (sris export refuses a model with one)
+
+    @property
+    def no_target_min_area(self) -> int:
+        return self.recipe.model.no_target_min_area
+
     def tokenizer(self) -> Tokenizer:
         return tokenizer_from_bytes(self.metadata.tokenizer, self.recipe, self.path)
 

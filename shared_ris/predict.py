@@ -54,6 +54,7 @@ class PromptEntry:
 class PredictSummary:
     out_dir: Path
     predictions: int = 0
+    no_target: int = 0  # predictions decided "names nothing" (empty masks)
     written: list[Path] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason): unreadable or over --max-pixels
     ignored: list[str] = field(default_factory=list)  # files without an image suffix
@@ -432,6 +433,7 @@ def _write_outputs(pair: _Pending, prediction: Prediction, summary: PredictSumma
         "text": pair.text,
         "mask_area": prediction.area,
         "mean_prob": round(prediction.mean_prob, 6),
+        "no_target": prediction.no_target,
         "height": pair.image.height,
         "width": pair.image.width,
         **{key: path.relative_to(summary.out_dir).as_posix() for key, path in files.items()},
@@ -439,3 +441,4 @@ def _write_outputs(pair: _Pending, prediction: Prediction, summary: PredictSumma
     jsonl.write(json.dumps(record, ensure_ascii=False) + "\n")
     summary.written.extend(files.values())
     summary.predictions += 1
+    summary.no_target += prediction.no_target

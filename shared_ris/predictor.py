@@ -31,7 +31,7 @@ from .checkpoint import load_run, load_tokenizer
 from .data.transforms import RESIZES, content_box, image_to_tensor, load_image
 from .device import check_device
 from .errors import SharedRISError, first_line
-from .model import SharedRIS, upsample_probabilities
+from .model import NoTargetRule, SharedRIS, run_model, upsample_probabilities
 from .model.postprocess import Box
 from .tokenizer import Tokenizer
 
@@ -109,12 +109,15 @@ class Prediction:
         mean_prob: mean σ over the mask's pixels (0.0 when the mask is empty).
         low_res_probs: (S/4, S/4) float32 probabilities at the model's output size.
         attention: {"encoder", "fpn", "decoder"} → (g, g) text-cls attention over the patches, when asked.
+        no_target: the model decided the expression names nothing in the image (its no-target head,
+            or the recipe's area rule); ``mask`` is then empty.
     """
 
     mask: np.ndarray
     mean_prob: float
     low_res_probs: np.ndarray
     attention: dict[str, np.ndarray] = field(default_factory=dict)
+    no_target: bool = False
 
     @property
     def area(self) -> int:
@@ -219,6 +222,7 @@ class Predictor:
         self.model = model.to(self.device).eval() if self.runtime == "torch" else model
         self.tokenizer = tokenizer
         self.threshold = model.threshold if threshold is None else threshold
+        self.no_target = NoTargetRule.of(model)
         self.precision = precision
         if resize not in RESIZES:
             raise SharedRISError(f"resize {resize!r}: choose one of {', '.join(RESIZES)}")
@@ -291,14 +295,22 @@ class Predictor:
         ids, padding = self.encode_texts(texts)
         inputs = (pixels.to(self.device), ids.to(self.device), padding.to(self.device))
         with self._precision_context():
-            logits, maps = self.model.attention_maps(*inputs) if attention else (self.model(*inputs), {})
+            if attention and not self.no_target.head:
+                (logits, maps), no_target_logits = self.model.attention_maps(*inputs), None
+            else:  # with a no-target head, attention maps cost a second forward pass
+                logits, no_target_logits = run_model(self.model, self.no_target, *inputs)
+                maps = self.model.attention_maps(*inputs)[1] if attention else {}
         logits = logits.float().cpu()
+        decided = self.no_target.decide(logits, None if no_target_logits is None else no_target_logits.cpu(), self.image_size, self.threshold)
         maps = {k: v.float().cpu().numpy() for k, v in maps.items()}
         results = []
         for i, size in enumerate(sizes):
             mask, mean_prob = self.postprocess(logits[i], size)
+            if decided[i]:  # "names nothing": the mask is emptied, as evaluation scores it
+                mask, mean_prob = np.zeros_like(mask), 0.0
             crop = lambda grid: crop_to_box(grid, self.content_box(size), self.image_size)  # noqa: E731
-            results.append(Prediction(mask, mean_prob, crop(logits[i, 0].sigmoid().numpy()), {k: crop(v[i]) for k, v in maps.items()}))
+            attention_maps = {k: crop(v[i]) for k, v in maps.items()}
+            results.append(Prediction(mask, mean_prob, crop(logits[i, 0].sigmoid().numpy()), attention_maps, bool(decided[i])))
         return results
 
     def predict(self, images: Sequence[Image.Image], texts: Sequence[str] | str, attention: bool = False) -> list[Prediction]:

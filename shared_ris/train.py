@@ -34,10 +34,11 @@ from .run_folder import RunFolder, check_folder_free
 from .stop_signal import StopOnSignal
 from .tokenizer import Tokenizer
 from .train_state import RunState, set_rng_state
-from .trainee import LOSS_KEYS, Trainee, build_trainee, train_step, wrap_for_training
+from .trainee import Trainee, build_trainee, train_step, wrap_for_training
 
 Progress = Callable[[dict], None]
 VAL_KEYS = ("oIoU", "mIoU", "P@0.5", "P@0.7", "P@0.9", "n")
+GENERALIZED_VAL_KEYS = ("gIoU", "cIoU", "N-acc", "T-acc")
 
 
 class TrainError(SharedRISError):
@@ -210,12 +211,15 @@ def resume_from(path: Path, trainee: Trainee, recipe: Recipe, env: DistEnv, noti
 
 
 def validate(trainee: Trainee, batches: Iterable[dict], recipe: Recipe) -> dict:
-    """Score every val expression with ``sris eval``'s default protocol → {oIoU, mIoU, P@X, n}."""
-    summary = evaluate_model(
+    """Score every val expression with ``sris eval``'s default protocol → {oIoU, mIoU, P@X, n}, and
+    gIoU, cIoU, N-acc, T-acc when some expression names no object or several (generalized RIS)."""
+    acc = evaluate_model(
         trainee.model, batches, threshold=recipe.model.threshold, resolution="original", device=trainee.device, amp=trainee.amp,
         resize=recipe.data.resize,
-    ).summary()
-    return {k: summary[k] for k in VAL_KEYS}
+    )
+    summary = acc.summary(generalized=any(count != 1 for count in acc.target_counts))
+    generalized = summary.get("generalized", {}).get("all", {})
+    return {k: summary[k] for k in VAL_KEYS} | {k: generalized[k] for k in GENERALIZED_VAL_KEYS if k in generalized}
 
 
 def validate_and_save(run: RunFolder, trainee: Trainee, data: DataSource, recipe: Recipe, state: RunState, notify: Progress) -> dict | None:
@@ -274,7 +278,7 @@ def check_in(run: RunFolder, trainee: Trainee, state: RunState, losses: torch.Te
         before = RunState(first_bad - 1, state.epoch, state.epoch_step - done, state.best_oiou)
         run.save(["last.pt"], trainee.state_dicts(), before)
         raise NonFiniteLossError.at(loss, before, run.path / "last.pt")
-    values = dict(zip(LOSS_KEYS, losses.tolist()))
+    values = dict(zip(trainee.loss_keys, losses.tolist()))
     stop_votes = sum_across_ranks([float(stop_requested)], env)[0]
     return values, stop_votes > 0
 

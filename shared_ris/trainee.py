@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from .config import Recipe
@@ -26,6 +27,7 @@ from .model import SharedRIS, build_model, segmentation_loss
 from .optim import build_optimizer
 
 LOSS_KEYS = ("loss", "bce", "dice")
+NO_TARGET_KEY = "no_target"  # the head's BCE, logged after LOSS_KEYS when the model has one
 
 
 class NonFiniteGuard:
@@ -82,6 +84,10 @@ class Trainee:
     guard: NonFiniteGuard
 
     @property
+    def loss_keys(self) -> tuple[str, ...]:
+        return LOSS_KEYS + ((NO_TARGET_KEY,) if self.model.no_target_head is not None else ())
+
+    @property
     def sync_free(self) -> bool:
         return bool(self.optimizer.defaults.get("fused")) and not self.scaler.is_enabled()
 
@@ -102,14 +108,27 @@ def build_trainee(recipe: Recipe, env: DistEnv, pretrained=None, notify=lambda e
     optimizer = build_optimizer(model, recipe.train)
     amp = amp_for(env.device, recipe.train.amp)
     scaler = torch.amp.GradScaler("cuda", enabled=amp == "fp16")
-    return Trainee(model, model, optimizer, scaler, env.device, amp, NonFiniteGuard(model, env.device))
+    forward = model if model.no_target_head is None else WithNoTarget(model)
+    return Trainee(model, forward, optimizer, scaler, env.device, amp, NonFiniteGuard(model, env.device))
+
+
+class WithNoTarget(nn.Module):
+    """What training calls (and DDP wraps) when the model has a no-target head: a ``forward``
+    giving both outputs, since DDP synchronises through ``forward`` only."""
+
+    def __init__(self, model: SharedRIS) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, text_ids: torch.Tensor, text_padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.forward_with_no_target(images, text_ids, text_padding_mask)
 
 
 def wrap_for_training(trainee: Trainee, recipe: Recipe, env: DistEnv) -> None:
     """DDP across processes, then ``torch.compile`` when the recipe asks for it."""
     if env.distributed:
         device_ids = [env.device] if env.device.type == "cuda" else None
-        trainee.ddp = nn.parallel.DistributedDataParallel(trainee.model, device_ids=device_ids)
+        trainee.ddp = nn.parallel.DistributedDataParallel(trainee.ddp, device_ids=device_ids)
     if recipe.train.compile:
         trainee.ddp = torch.compile(trainee.ddp)
 
@@ -117,12 +136,18 @@ def wrap_for_training(trainee: Trainee, recipe: Recipe, env: DistEnv) -> None:
 def _forward_loss(trainee: Trainee, batch: dict, recipe: Recipe) -> dict[str, torch.Tensor]:
     device = trainee.device
     with autocast(device, trainee.amp):
-        logits = trainee.ddp(
+        outputs = trainee.ddp(
             batch["images"].to(device, non_blocking=True),
             batch["text_ids"].to(device, non_blocking=True),
             batch["text_padding_mask"].to(device, non_blocking=True),
         )
-    return segmentation_loss(logits, batch["masks"].to(device, non_blocking=True), recipe.loss.bce_weight, recipe.loss.dice_weight)
+    logits, no_target_logits = outputs if isinstance(outputs, tuple) else (outputs, None)
+    parts = segmentation_loss(logits, batch["masks"].to(device, non_blocking=True), recipe.loss.bce_weight, recipe.loss.dice_weight)
+    if no_target_logits is not None:  # ReLA's no-target branch: BCE beside the mask loss
+        labels = batch["no_target"].to(device, non_blocking=True).float()
+        parts[NO_TARGET_KEY] = F.binary_cross_entropy_with_logits(no_target_logits.float(), labels)
+        parts["loss"] = parts["loss"] + recipe.loss.no_target_weight * parts[NO_TARGET_KEY]
+    return parts
 
 
 def _mean_across_ranks(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
@@ -139,18 +164,20 @@ def train_step(trainee: Trainee, micro_batches: list[dict], recipe: Recipe, env:
     Each micro-batch: forward under autocast, 2·BCE + 0.5·Dice divided by the number of
     micro-batches, backward (DDP synchronises gradients on the last one only). Then the global mean
     losses (one all-reduce on the device), the guard's verdict, clipping and AdamW, skipped on the
-    device when the verdict is bad. Returns the global mean (loss, bce, dice) as a device tensor (3,).
+    device when the verdict is bad. Returns the global means of ``trainee.loss_keys`` (loss, bce, dice
+    and, with a no-target head, its BCE) as a device tensor.
     """
     count = len(micro_batches)
     trainee.guard.before_step()
     trainee.optimizer.zero_grad(set_to_none=True)
-    losses = torch.zeros(len(LOSS_KEYS), device=trainee.device)
+    keys = trainee.loss_keys
+    losses = torch.zeros(len(keys), device=trainee.device)
     for i, batch in enumerate(micro_batches):
         last = i == count - 1
         with contextlib.nullcontext() if last or not hasattr(trainee.ddp, "no_sync") else trainee.ddp.no_sync():
             parts = _forward_loss(trainee, batch, recipe)
             trainee.scaler.scale(parts["loss"] / count).backward()
-        losses += torch.stack([parts[key].detach().float() for key in LOSS_KEYS]) / count
+        losses += torch.stack([parts[key].detach().float() for key in keys]) / count
     losses = _mean_across_ranks(losses, env)
     bad = trainee.guard.judge(losses[0], step)
     if recipe.train.grad_clip > 0:

@@ -140,7 +140,8 @@ def collate_train(batch: list[tuple[Sample, str]], s: StreamSettings, tokenizer:
         normalize_(images[i].copy_(image_pixels(image, size, s.resize)))  # uint8 → float while copying
         masks[i, 0].copy_(mask_pixels(sample.mask(image.size), size, s.resize))
     ids, padding = tokenizer([text for _, text in batch], pad_to=s.text_len)
-    return {"images": images, "text_ids": ids, "text_padding_mask": padding, "masks": masks, "keys": [sample.key for sample, _ in batch]}
+    no_target = torch.tensor([sample.no_target for sample, _ in batch])  # (B,) the no-target head's labels
+    return {"images": images, "text_ids": ids, "text_padding_mask": padding, "masks": masks, "no_target": no_target, "keys": [sample.key for sample, _ in batch]}
 
 
 def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -236,6 +237,7 @@ class _EvalStream(torch.utils.data.IterableDataset):
                 "keys": [item["key"] for item in batch],
                 "sent_ids": [item["sent_id"] for item in batch],
                 "texts": [item["text"] for item in batch],
+                "target_counts": [item["target_count"] for item in batch],
             }
 
     def _sentences(self, samples: Iterator[Sample]) -> Iterator[dict]:
@@ -244,7 +246,10 @@ class _EvalStream(torch.utils.data.IterableDataset):
             mask = torch.from_numpy(sample.mask_array(image.size))
             pixels = image_to_tensor(image, self.s.image_size, self.s.resize)
             for sentence in sample.sentences:
-                yield {"image": pixels, "mask": mask, "key": sample.key, "sent_id": sentence["sent_id"], "text": sentence[self.s.text_field]}
+                yield {
+                    "image": pixels, "mask": mask, "key": sample.key, "sent_id": sentence["sent_id"], "text": sentence[self.s.text_field],
+                    "target_count": sample.target_count,
+                }  # fmt: skip
 
 
 def encode_eval_texts(tokenizer: Tokenizer, texts: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:

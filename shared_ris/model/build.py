@@ -6,6 +6,7 @@ from ..config import ModelConfig, Recipe
 from .beit3 import BEiT3
 from .decoder import SharedMaskDecoder
 from .fpn import NoFPN, SharedFPN
+from .no_target import NoTargetHead
 from .shared_ris import SharedRIS
 
 
@@ -39,4 +40,8 @@ def build_decoder(cfg: ModelConfig) -> SharedMaskDecoder:
 def build_model(recipe: Recipe | ModelConfig) -> SharedRIS:
     """Build a randomly initialised :class:`SharedRIS` from a recipe (or its ``model`` section)."""
     cfg = recipe.model if isinstance(recipe, Recipe) else recipe
-    return SharedRIS(build_beit3(cfg), build_fpn(cfg), build_decoder(cfg), threshold=cfg.threshold)
+    head = NoTargetHead(cfg.fpn.dim) if cfg.no_target_head else None
+    return SharedRIS(
+        build_beit3(cfg), build_fpn(cfg), build_decoder(cfg), threshold=cfg.threshold,
+        no_target_head=head, no_target_min_area=cfg.no_target_min_area,
+    )  # fmt: skip

@@ -64,6 +64,13 @@ class SharedMaskDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor, key_padding_mask: torch.Tensor | None, num_vision_tokens: int) -> torch.Tensor:
         """z: (B, N, C) with vision tokens [cls, patches…] first → logits (B, 1, g·2**l, g·2**l)."""
+        return self.forward_with_text_state(z, key_padding_mask, num_vision_tokens)[0]
+
+    def forward_with_text_state(
+        self, z: torch.Tensor, key_padding_mask: torch.Tensor | None, num_vision_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`forward`, plus the <s> token's state after the shared layer(s) (B, C), which a
+        no-target head reads."""
         for layer in self.layers:
             z = run_block(layer, self.activation_checkpointing, z, key_padding_mask)
         b, _, c = z.shape
@@ -75,4 +82,4 @@ class SharedMaskDecoder(nn.Module):
             feature_map = self.projection(feature_map)
         text_cls = self.text_mlp(z[:, num_vision_tokens])  # (B, C): the <s> token
         logits = torch.einsum("bchw,bc->bhw", feature_map, text_cls)[:, None]
-        return logits
+        return logits, z[:, num_vision_tokens]

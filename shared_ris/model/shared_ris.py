@@ -12,6 +12,7 @@ from ..layers import record_attention
 from .beit3 import BEiT3
 from .decoder import SharedMaskDecoder
 from .fpn import NoFPN, SharedFPN
+from .no_target import NoTargetHead
 from .pretrained import LoadReport, load_beit3_checkpoint
 
 
@@ -33,14 +34,21 @@ class SharedRIS(nn.Module):
         fpn: :class:`SharedFPN` or :class:`NoFPN`.
         decoder: :class:`SharedMaskDecoder`.
         threshold: τ applied to sigmoid(logits) at inference.
+        no_target_head: gRefCOCO's "names nothing" classifier (:class:`NoTargetHead`), or None.
+        no_target_min_area: without a head, masks under this many pixels at S×S mean "no target" (0: off).
     """
 
-    def __init__(self, beit3: BEiT3, fpn: SharedFPN | NoFPN, decoder: SharedMaskDecoder, threshold: float = 0.35) -> None:
+    def __init__(
+        self, beit3: BEiT3, fpn: SharedFPN | NoFPN, decoder: SharedMaskDecoder, threshold: float = 0.35,
+        no_target_head: NoTargetHead | None = None, no_target_min_area: int = 0,
+    ) -> None:  # fmt: skip
         super().__init__()
         self.beit3 = beit3
         self.fpn = fpn
         self.decoder = decoder
+        self.no_target_head = no_target_head
         self.threshold = threshold
+        self.no_target_min_area = no_target_min_area
         # The FPN reads nothing past its deepest stage (e.g. stages [3, 6] of 12 layers): skip those layers.
         self.encoder_layers = max(fpn.stages) if fpn.stages else beit3.depth
         # Loaded for checkpoint compatibility but never on RIS's path: freeze them so DDP needs
@@ -79,6 +87,17 @@ class SharedRIS(nn.Module):
         padding = self.beit3.sequence_padding_mask(text_padding_mask)
         states = self.encode(images, text_ids, text_padding_mask)
         return self.decoder(self.fpn(states, padding), padding, self.beit3.num_vision_tokens)
+
+    def forward_with_no_target(
+        self, images: torch.Tensor, text_ids: torch.Tensor, text_padding_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`forward`, plus the no-target head's logits (B,) (> 0: the expression names nothing)."""
+        if self.no_target_head is None:
+            raise ValueError("this model has no no-target head (recipe key model.no_target_head)")
+        padding = self.beit3.sequence_padding_mask(text_padding_mask)
+        states = self.encode(images, text_ids, text_padding_mask)
+        logits, text_state = self.decoder.forward_with_text_state(self.fpn(states, padding), padding, self.beit3.num_vision_tokens)
+        return logits, self.no_target_head(text_state)
 
     def attention_modules(self) -> dict[str, nn.Module]:
         """The attentions the paper's Fig. 7 shows: the encoder's last run layer (the deepest FPN
