@@ -60,6 +60,7 @@ def write_json(path: Path, document: dict) -> None:
     count, e.g. N-acc of a split without no-target expressions) is written as null: strict JSON."""
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(_nan_to_null(document), indent=2, allow_nan=False) + "\n")
+    console.print(f"wrote {path}")
 
 
 def _nan_to_null(value):
@@ -68,4 +69,3 @@ def _nan_to_null(value):
     if isinstance(value, (list, tuple)):
         return [_nan_to_null(v) for v in value]
     return None if isinstance(value, float) and value != value else value
-    console.print(f"wrote {path}")
