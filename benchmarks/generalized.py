@@ -1,0 +1,114 @@
+"""Generalized RIS on the synthetic set: the no-target head against the area rule, tiny recipe, CPU.
+
+    python benchmarks/generalized.py [--out /tmp/sris-generalized] [--steps 1200] [--set key=value …]
+
+1. ``prepare_synthetic(generalized=True)``: 4000 train / 300 val / 300 test refs at 128 px, of which
+   about 40% name one shape, 30% several ("all the red shapes", "the two circles") and 30% none
+   ("the green triangle" where there is none). Kept if present.
+2. Train ``tiny`` twice from scratch for the same number of steps: with the no-target head
+   (``model.no_target_head=true``) and without it. A finished run is kept.
+3. Score on val and test with ReLA's rules (gIoU, cIoU, N-acc, T-acc, Pr@X):
+   - the head model, deciding with its head;
+   - the area rule ("no target" when the mask has < k pixels of the 128² input) on the model
+     without a head, and on the head model's own masks, with k chosen on val as the largest
+     threshold whose val T-acc is at least the head's: N-acc compared at (at least) equal T-acc.
+
+Prints a table and writes OUT/generalized.json. Targets (test, head model): N-acc ≥ 0.85,
+T-acc ≥ 0.90, gIoU ≥ 0.65, training ≤ 15 minutes, and the head's N-acc above the area rule's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from quickstart import cpu_seconds
+
+from shared_ris import load_recipe
+from shared_ris.data import prepare_synthetic
+from shared_ris.evaluate import evaluate_run
+from shared_ris.model import NoTargetRule
+from shared_ris.train import train
+
+AREA_GRID = (0, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # pixels of the 128² input
+FIGURES = ("gIoU", "cIoU", "N-acc", "T-acc", "Pr@0.7", "Pr@0.9")
+
+
+def train_variant(data_dir: Path, run_dir: Path, overrides: list[str]) -> dict:
+    """Train (or keep a finished run: its timing is read back); wall and CPU seconds of training."""
+    recipe = load_recipe("tiny", overrides)
+    timing_file = run_dir / "timing.json"
+    if timing_file.exists() and _last_step(run_dir) >= recipe.train.max_steps:
+        return json.loads(timing_file.read_text())
+    started, cpu = time.time(), cpu_seconds()
+    train(recipe, data_dir, run_dir, resume="auto", progress=_progress)
+    timing = {"steps": _last_step(run_dir), "train_s": round(time.time() - started), "train_cpu_s": round(cpu_seconds() - cpu)}
+    timing_file.write_text(json.dumps(timing))
+    return timing
+
+
+def _last_step(run_dir: Path) -> int:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return max((line.get("step", 0) for line in lines), default=0)
+
+
+def _progress(event: dict) -> None:
+    if event["event"] in ("val", "end") or (event["event"] == "step" and event["step"] % 200 == 0):
+        print({k: round(v, 4) if isinstance(v, float) else v for k, v in event.items()}, flush=True)
+
+
+def scores(checkpoint: Path, data_dir: Path, split: str, rule: NoTargetRule | None = None) -> dict:
+    """The generalized figures over all expressions of ``split``."""
+    report = evaluate_run(checkpoint, data_dir, split, no_target=rule, num_workers=0)
+    return report["splits"][split]["generalized"]["all"]
+
+
+def choose_area(checkpoint: Path, data_dir: Path, t_acc: float) -> tuple[int, dict]:
+    """The largest k on the grid whose val T-acc is at least ``t_acc`` (k = 0 if none), and its val figures."""
+    chosen = (0, scores(checkpoint, data_dir, "val", NoTargetRule(min_area=0)))
+    for k in AREA_GRID[1:]:
+        figures = scores(checkpoint, data_dir, "val", NoTargetRule(min_area=k))
+        print(f"  area rule k={k}: val N-acc {figures['N-acc']:.3f} T-acc {figures['T-acc']:.3f}", flush=True)
+        if figures["T-acc"] < t_acc:
+            break
+        chosen = (k, figures)
+    return chosen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/sris-generalized"))
+    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override key=value")
+    args = parser.parse_args()
+    data_dir = args.out / "data"
+    prepare_synthetic(data_dir, train=4000, val=300, test=300, size=128, generalized=True)
+    common = [f"train.max_steps={args.steps}", "train.epochs=1000", "train.eval_every=1000", *args.overrides]
+    runs = {"head": args.out / "head", "area": args.out / "area"}
+    timing = {name: train_variant(data_dir, path, common + ([f"model.no_target_head={name == 'head'}"])) for name, path in runs.items()}
+    head_ckpt, area_ckpt = runs["head"] / "last.pt", runs["area"] / "last.pt"
+
+    head_val = scores(head_ckpt, data_dir, "val")
+    k_area, _ = choose_area(area_ckpt, data_dir, head_val["T-acc"])
+    k_same, _ = choose_area(head_ckpt, data_dir, head_val["T-acc"])
+    rows = {
+        "head model, head": scores(head_ckpt, data_dir, "test"),
+        f"no-head model, area rule k={k_area}": scores(area_ckpt, data_dir, "test", NoTargetRule(min_area=k_area)),
+        f"head model, area rule k={k_same}": scores(head_ckpt, data_dir, "test", NoTargetRule(min_area=k_same)),
+    }
+    print(f"{'test (300 refs)':42s}" + "".join(f"{name:>9s}" for name in FIGURES))
+    for name, figures in rows.items():
+        print(f"{name:42s}" + "".join(f"{figures[k]:9.3f}" for k in FIGURES))
+    head = rows["head model, head"]
+    area = rows[f"no-head model, area rule k={k_area}"]
+    ok = head["N-acc"] >= 0.85 and head["T-acc"] >= 0.90 and head["gIoU"] >= 0.65 and timing["head"]["train_s"] <= 900
+    print(json.dumps({"timing": timing, "head_val": head_val}))
+    print("PASS" if ok and head["N-acc"] > area["N-acc"] else "FAIL",
+          "(targets: N-acc >= 0.85, T-acc >= 0.90, gIoU >= 0.65, training <= 900 s, head N-acc above the area rule's)")  # fmt: skip
+    (args.out / "generalized.json").write_text(json.dumps({"rows": rows, "timing": timing, "head_val": head_val, "steps": args.steps}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
