@@ -22,6 +22,9 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from refer_fixture import _blob, _uncompressed_rle
+from refer_fixture import _box_polygon as _box
+
 # image id -> (width, height)
 IMAGES = {1: (64, 48), 2: (80, 60)}
 # ann id -> (image id, category, kind)
@@ -41,28 +44,6 @@ REFS = [
     (8, [-1], "testB", ["the giraffe"], True),
     (9, [203], "train", ["just the rle blob"], False),
 ]
-
-
-def _box(x0, y0, x1, y1) -> list[float]:
-    return [x0, y0, x1, y0, x1, y1, x0, y1]
-
-
-def _blob(width: int, height: int, seed: int) -> np.ndarray:
-    yy, xx = np.mgrid[0:height, 0:width]
-    cx, cy = width * (0.25 + 0.15 * (seed % 4)), height * 0.55
-    return (((xx - cx) / (width * 0.22)) ** 2 + ((yy - cy) / (height * 0.3)) ** 2 <= 1).astype(np.uint8)
-
-
-def _uncompressed_rle(mask: np.ndarray) -> dict:
-    flat, counts, current, run = mask.flatten(order="F"), [], 0, 0
-    for value in flat:
-        if value == current:
-            run += 1
-        else:
-            counts.append(run)
-            current, run = value, 1
-    counts.append(run)
-    return {"size": [int(mask.shape[0]), int(mask.shape[1])], "counts": counts}
 
 
 def segmentation(ann_id: int):

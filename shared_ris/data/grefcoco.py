@@ -23,11 +23,11 @@ from typing import Any
 from .errors import DataError, short_repr
 from .refer import (
     INSTANCES_HINT,
-    SPLIT_NAME,
-    _check_sentence,
     _is_id,
     _wrong,
     check_images_dir,
+    check_split_and_sentences,
+    checked_refs,
     image_path,
     load_instances,
 )
@@ -54,16 +54,7 @@ def load_grefs(path: str | Path) -> list[dict]:
     preparation reads type-checked and ref_ids unique; a one-line DataError naming the ref otherwise."""
     path = Path(path)
     refs = load_pickle(path) if path.suffix == ".p" else _load_json(path)
-    if not isinstance(refs, list) or not refs:
-        got = "an empty list" if isinstance(refs, list) else f"a {type(refs).__name__}"
-        raise DataError(f"{path}: expected a list of gRefCOCO ref dicts, got {got}; {GREFS_HINT}")
-    seen: dict[int, int] = {}
-    for index, ref in enumerate(refs):
-        check_gref(path, f"refs[{index}]", ref)
-        if ref["ref_id"] in seen:
-            raise DataError(f"{path}: ref {ref['ref_id']}: ref_id appears twice (refs[{seen[ref['ref_id']]}] and refs[{index}]) but it is the sample key; {GREFS_HINT}")
-        seen[ref["ref_id"]] = index
-    return refs
+    return checked_refs(path, refs, check_gref, "a list of gRefCOCO ref dicts", GREFS_HINT)
 
 
 def _load_json(path: Path) -> Any:
@@ -93,12 +84,7 @@ def check_gref(path: Path, where: str, ref: Any) -> None:
         raise _wrong(path, where, "ann_id", "a non-empty list of annotation ids, or [-1] for no target", ann_ids, GREFS_HINT)
     if "no_target" in ref and ref["no_target"] is not (ann_ids == [NO_TARGET]):
         raise DataError(f"{path}: {where}: 'no_target' is {short_repr(ref['no_target'])} but 'ann_id' is {short_repr(ann_ids)}; {GREFS_HINT}")
-    if not isinstance(ref["split"], str) or not SPLIT_NAME.fullmatch(ref["split"]):
-        raise _wrong(path, where, "split", "a split name such as 'train' or 'testA'", ref["split"], GREFS_HINT)
-    if not isinstance(ref["sentences"], list):
-        raise _wrong(path, where, "sentences", "a list of sentence dicts", ref["sentences"], GREFS_HINT)
-    for k, sentence in enumerate(ref["sentences"]):
-        _check_sentence(path, f"{where} sentence {k}", sentence, GREFS_HINT)
+    check_split_and_sentences(path, where, ref, GREFS_HINT)
 
 
 def _valid_polygons(segmentation: Any) -> Any:

@@ -18,7 +18,7 @@ import json
 import re
 import warnings
 from pathlib import Path, PurePath
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -112,6 +112,11 @@ def check_ref(path: str | Path, where: str, ref: Any, hint: str = REFS_HINT) -> 
     for field in ("ref_id", "ann_id", "image_id") + (("category_id",) if "category_id" in ref else ()):
         if not _is_id(ref[field]):
             raise _wrong(path, where, field, "a non-negative integer", ref[field], hint)
+    check_split_and_sentences(path, where, ref, hint)
+
+
+def check_split_and_sentences(path: str | Path, where: str, ref: dict, hint: str) -> None:
+    """A ref's ``split`` (a name usable in file names) and ``sentences`` (a list of sentence dicts)."""
     if not isinstance(ref["split"], str) or not SPLIT_NAME.fullmatch(ref["split"]):
         raise _wrong(path, where, "split", "a split name such as 'train' or 'testA' (letters, digits, '_', '-')", ref["split"], hint)
     if not isinstance(ref["sentences"], list):
@@ -123,18 +128,20 @@ def check_ref(path: str | Path, where: str, ref: Any, hint: str = REFS_HINT) -> 
 def load_refs(path: str | Path) -> list[dict]:
     """The refs list with byte strings decoded, every field the preparation reads type-checked and
     ref_ids unique (they become sample keys); a one-line DataError naming the ref otherwise."""
-    refs = load_pickle(path)
+    return checked_refs(path, load_pickle(path), check_ref, "a pickled list of ref dicts (refer API refs file)", "re-download the refs file")
+
+
+def checked_refs(path: str | Path, refs: Any, check: Callable[[str | Path, str, Any], None], expected: str, fix: str) -> list[dict]:
+    """``refs`` if it is a non-empty list whose every ref passes ``check(path, where, ref)`` and whose
+    ref_ids are unique; a one-line DataError otherwise."""
     if not isinstance(refs, list) or not refs:
         got = "an empty list" if isinstance(refs, list) else f"a {type(refs).__name__}"
-        raise DataError(f"{path}: expected a pickled list of ref dicts (refer API refs file), got {got}")
+        raise DataError(f"{path}: expected {expected}, got {got}; {fix}")
     first_index: dict[int, int] = {}
     for index, ref in enumerate(refs):
-        check_ref(path, f"refs[{index}]", ref)
+        check(path, f"refs[{index}]", ref)
         if ref["ref_id"] in first_index:
-            raise DataError(
-                f"{path}: ref {ref['ref_id']}: ref_id appears twice (refs[{first_index[ref['ref_id']]}] and refs[{index}]) "
-                "but it is the sample key; re-download the refs file"
-            )
+            raise DataError(f"{path}: ref {ref['ref_id']}: ref_id appears twice (refs[{first_index[ref['ref_id']]}] and refs[{index}]) but it is the sample key; {fix}")
         first_index[ref["ref_id"]] = index
     return refs
 
