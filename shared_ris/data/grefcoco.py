@@ -30,6 +30,7 @@ from .refer import (
     checked_refs,
     image_path,
     load_instances,
+    ref_with_keys,
 )
 from .safe_pickle import load_pickle
 
@@ -69,13 +70,7 @@ def _load_json(path: Path) -> Any:
 def check_gref(path: Path, where: str, ref: Any) -> None:
     """Types of every field :func:`gref_item` reads: ``ann_id`` a non-empty list of annotation
     ids, or ``[-1]``; ``no_target``, where present, saying the same."""
-    if not isinstance(ref, dict):
-        raise DataError(f"{path}: {where} is a {type(ref).__name__}, not a ref dict; {GREFS_HINT}")
-    if _is_id(ref.get("ref_id")):
-        where = f"ref {ref['ref_id']}"
-    missing = [k for k in GREF_KEYS if k not in ref]
-    if missing:
-        raise DataError(f"{path}: {where} lacks {', '.join(missing)}; {GREFS_HINT}")
+    where = ref_with_keys(path, where, ref, GREF_KEYS, GREFS_HINT)
     for field in ("ref_id", "image_id"):
         if not _is_id(ref[field]):
             raise _wrong(path, where, field, "a non-negative integer", ref[field], GREFS_HINT)

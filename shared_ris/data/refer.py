@@ -100,15 +100,21 @@ def _check_sentence(path: str | Path, where: str, sentence: Any, hint: str = REF
             raise _wrong(path, where, field, "a string", sentence[field], hint)
 
 
-def check_ref(path: str | Path, where: str, ref: Any, hint: str = REFS_HINT) -> None:
-    """Types of every field :func:`ref_item` reads; a one-line DataError naming ``where`` otherwise."""
+def ref_with_keys(path: str | Path, where: str, ref: Any, keys: tuple[str, ...], hint: str) -> str:
+    """Checks that ``ref`` is a dict holding ``keys``; returns how to name it ("ref 12" once its id is known)."""
     if not isinstance(ref, dict):
         raise DataError(f"{path}: {where} is a {type(ref).__name__}, not a ref dict; {hint}")
     if _is_id(ref.get("ref_id")) and where.startswith("refs["):
         where = f"ref {ref['ref_id']}"
-    missing = [k for k in REF_KEYS if k not in ref]
+    missing = [k for k in keys if k not in ref]
     if missing:
         raise DataError(f"{path}: {where} lacks {', '.join(missing)}; {hint}")
+    return where
+
+
+def check_ref(path: str | Path, where: str, ref: Any, hint: str = REFS_HINT) -> None:
+    """Types of every field :func:`ref_item` reads; a one-line DataError naming ``where`` otherwise."""
+    where = ref_with_keys(path, where, ref, REF_KEYS, hint)
     for field in ("ref_id", "ann_id", "image_id") + (("category_id",) if "category_id" in ref else ()):
         if not _is_id(ref[field]):
             raise _wrong(path, where, field, "a non-negative integer", ref[field], hint)
@@ -140,9 +146,9 @@ def checked_refs(path: str | Path, refs: Any, check: Callable[[str | Path, str, 
     first_index: dict[int, int] = {}
     for index, ref in enumerate(refs):
         check(path, f"refs[{index}]", ref)
-        if ref["ref_id"] in first_index:
-            raise DataError(f"{path}: ref {ref['ref_id']}: ref_id appears twice (refs[{first_index[ref['ref_id']]}] and refs[{index}]) but it is the sample key; {fix}")
-        first_index[ref["ref_id"]] = index
+        first = first_index.setdefault(ref["ref_id"], index)
+        if first != index:
+            raise DataError(f"{path}: ref {ref['ref_id']}: ref_id appears twice (refs[{first}] and refs[{index}]) but it is the sample key; {fix}")
     return refs
 
 

@@ -334,10 +334,10 @@ def prepare_synthetic(
     progress: Progress | None = None,
     *,
     spatial: bool = False,
-    generalized: bool = False,
     workers: int | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     overwrite: bool = False,
+    generalized: bool = False,
 ) -> dict:
     """Write ``synthetic-{split}-NNNNNN.tar``, ``manifest.json`` and ``spm.model`` to ``out_dir``.
 
