@@ -316,11 +316,7 @@ def evaluate_run(
         for split, loader in loaders.items():
             saver = _MaskSaver(Path(save_masks) / split) if save_masks is not None else None
             progress_of_split = _split_progress(progress, split, loader.sentences if env.world_size == 1 else None)
-            acc = evaluate_model(
-                model, loader, threshold=protocol.threshold, resolution=protocol.resolution, device=env.device,
-                amp=recipe.train.amp, progress=progress_of_split, on_mask=saver and saver.mask, on_target=saver and saver.target,
-                resize=recipe.data.resize, resampling=protocol.resampling, no_target=rule,
-            )  # fmt: skip
+            acc = _score(model, loader, recipe, protocol, rule, env.device, progress_of_split, saver)
             _check_count(acc, loader.sentences, location, split)
             results[split] = acc.summary(inclusive=protocol.inclusive, empty_iou=protocol.empty_iou, generalized=generalized)
     finally:
@@ -332,6 +328,15 @@ def evaluate_run(
         "no_target_rule": rule.describe(),
         "splits": results,
     }
+
+
+def _score(model, loader, recipe, protocol: Protocol, rule: NoTargetRule, device, progress, saver: "_MaskSaver | None") -> MetricAccumulator:
+    """:func:`evaluate_model` under ``protocol``, saving masks when ``saver`` is given."""
+    return evaluate_model(
+        model, loader, threshold=protocol.threshold, resolution=protocol.resolution, device=device, amp=recipe.train.amp,
+        progress=progress, on_mask=saver and saver.mask, on_target=saver and saver.target, resize=recipe.data.resize,
+        resampling=protocol.resampling, no_target=rule,
+    )  # fmt: skip
 
 
 def check_eval_inputs(checkpoint: str | Path, data_dir: str | Path, splits: str | Iterable[str], *, tokenizer: str | Path | None = None) -> None:
