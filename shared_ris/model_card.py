@@ -170,6 +170,9 @@ def _overview(facts: ModelFacts) -> list[str]:
         ("output", f"mask logits at {side // 4}×{side // 4}, resized to the image; mask = σ(logit) > {model.threshold:g}"),
         ("trained", trained or "not recorded"),
     ]
+    if model.no_target_head or model.no_target_min_area:  # generalized RIS: it may answer "nothing here"
+        rule = "a no-target head (σ > 0.5)" if model.no_target_head else f"masks under {model.no_target_min_area} pixels at {side}×{side}"
+        rows.insert(4, ("no target", f"an expression that names nothing gets an empty mask, decided by {rule}"))
     return ["| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in rows)]
 
 

@@ -224,3 +224,15 @@ def test_onnx_export_refuses_a_head_model(tmp_path, generalized_run):
     pytest.importorskip("onnxruntime")
     result = CliRunner().invoke(app, ["export", "--checkpoint", str(generalized_run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
     assert result.exit_code == 2 and "no-target head" in result.output and not (tmp_path / "m.onnx").exists()
+
+
+def test_a_bundle_keeps_the_head_and_says_so(tmp_path, generalized_run):
+    result = CliRunner().invoke(app, ["export", "--checkpoint", str(generalized_run), "--format", "bundle", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert "no target | an expression that names nothing gets an empty mask" in (tmp_path / "b" / "README.md").read_text()
+    image = Image.new("RGB", (64, 64), (40, 165, 60))
+    texts = ["the green square", "all the red shapes", "the small blue circle"]
+    original = Predictor.from_checkpoint(generalized_run).predict([image] * 3, texts)
+    bundled = Predictor.from_pretrained(tmp_path / "b").predict([image] * 3, texts)
+    assert [p.no_target for p in bundled] == [p.no_target for p in original]
+    assert all(np.array_equal(a.mask, b.mask) for a, b in zip(original, bundled))
