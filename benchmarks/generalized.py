@@ -37,20 +37,25 @@ FIGURES = ("gIoU", "cIoU", "N-acc", "T-acc", "Pr@0.7", "Pr@0.9")
 
 
 def train_variant(data_dir: Path, run_dir: Path, overrides: list[str]) -> dict:
-    """Train (or keep a finished run: its timing is read back); wall and CPU seconds of training."""
+    """Train, or resume an interrupted run, or keep a finished one; wall and CPU seconds of training
+    summed over the sessions it took (``timing.json`` in the run folder)."""
     recipe = load_recipe("tiny", overrides)
     timing_file = run_dir / "timing.json"
-    if timing_file.exists() and _last_step(run_dir) >= recipe.train.max_steps:
-        return json.loads(timing_file.read_text())
-    started, cpu = time.time(), cpu_seconds()
-    train(recipe, data_dir, run_dir, resume="auto", progress=_progress)
-    timing = {"steps": _last_step(run_dir), "train_s": round(time.time() - started), "train_cpu_s": round(cpu_seconds() - cpu)}
-    timing_file.write_text(json.dumps(timing))
-    return timing
+    timing = json.loads(timing_file.read_text()) if timing_file.exists() else {"train_s": 0, "train_cpu_s": 0, "sessions": 0}
+    if _last_step(run_dir) < recipe.train.max_steps:
+        started, cpu = time.time(), cpu_seconds()
+        summary = train(recipe, data_dir, run_dir, resume="auto", progress=_progress)
+        timing = {"train_s": timing["train_s"] + round(time.time() - started), "train_cpu_s": timing["train_cpu_s"] + round(cpu_seconds() - cpu),
+                  "sessions": timing["sessions"] + 1}  # fmt: skip
+        timing_file.write_text(json.dumps(timing))
+        if summary["stopped"]:
+            raise SystemExit(f"{run_dir}: stopped at step {summary['step']}; run the same command again to resume")
+    return {**timing, "steps": _last_step(run_dir)}
 
 
 def _last_step(run_dir: Path) -> int:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    path = run_dir / "metrics.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     return max((line.get("step", 0) for line in lines), default=0)
 
 
