@@ -1,8 +1,8 @@
 """Deciding "the expression names nothing here" (gRefCOCO's no-target expressions).
 
 Two ways, compared in BENCHMARKS.md: a learned head, after ReLA's no-target branch, reading the
-decoder's text token (the <s> state after the shared layer(s), which has attended to every patch),
-trained with BCE beside the mask loss; or, without a head, the rule "no target when the predicted
+decoder's text token (the <s> state after the shared layer(s), which has attended to every patch)
+and two numbers pooled from the predicted mask, trained with BCE beside the mask loss; or, without a head, the rule "no target when the predicted
 mask covers fewer than ``min_area`` pixels of the S×S input". Either decision empties the mask.
 """
 
@@ -16,16 +16,25 @@ from torch import nn
 
 
 class NoTargetHead(nn.Module):
-    """LayerNorm → Linear → GELU → Linear: text state (B, C) → no-target logit (B,)."""
+    """Text state (B, C) and mask logits (B, 1, h, w) → no-target logit (B,).
+
+    Reads the decoder's <s> state (LayerNorm) beside two numbers pooled from the mask it produced,
+    σ of its largest logit and its mean probability, detached: the evidence the area rule uses, so
+    the head can only add to it, without pushing the masks themselves. Then Linear → GELU → Linear.
+    """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.hidden = nn.Linear(dim, dim)
+        self.hidden = nn.Linear(dim + 2, dim)
         self.out = nn.Linear(dim, 1)
 
-    def forward(self, text_state: torch.Tensor) -> torch.Tensor:
-        return self.out(F.gelu(self.hidden(self.norm(text_state))))[:, 0]
+    def forward(self, text_state: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+        text = self.norm(text_state)  # (B, C); float32 under autocast
+        probs = mask_logits.detach().float().flatten(1).sigmoid()  # (B, h·w)
+        pooled = torch.stack([probs.amax(1), probs.mean(1)], dim=1).to(text.dtype)  # (B, 2)
+        features = torch.cat([text, pooled], dim=1)  # (B, C + 2)
+        return self.out(F.gelu(self.hidden(features)))[:, 0]
 
 
 def mask_areas(logits: torch.Tensor, side: int, threshold: float) -> torch.Tensor:

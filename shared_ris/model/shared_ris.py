@@ -97,7 +97,7 @@ class SharedRIS(nn.Module):
         padding = self.beit3.sequence_padding_mask(text_padding_mask)
         states = self.encode(images, text_ids, text_padding_mask)
         logits, text_state = self.decoder.forward_with_text_state(self.fpn(states, padding), padding, self.beit3.num_vision_tokens)
-        return logits, self.no_target_head(text_state)
+        return logits, self.no_target_head(text_state, logits)
 
     def attention_modules(self) -> dict[str, nn.Module]:
         """The attentions the paper's Fig. 7 shows: the encoder's last run layer (the deepest FPN
