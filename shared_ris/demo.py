@@ -231,7 +231,10 @@ def server_environment(work: Path) -> Iterator[Any]:
         yield gradio
     finally:
         for key, value in before.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def uploaded_image(gr, **options) -> Any:
