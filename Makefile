@@ -1,10 +1,11 @@
-# Two commands on a fresh machine: `make demo` (the whole toolkit on synthetic data) and `make test`.
+# Two commands on a fresh machine: `make demo` (the whole toolkit on synthetic data) and `make test`;
+# then `make serve` opens the demo's model in a web page.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO ?= demo
 
-.PHONY: install test demo clean
+.PHONY: install test demo serve clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +15,7 @@ $(PY):
 # install their own CUDA torch (>=2.3) before `pip install -e .`.
 install: $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,parquet,onnx]"
+	$(PY) -m pip install -q -e ".[test,parquet,onnx,demo]"
 
 test: install
 	$(PY) -m pytest -q
@@ -28,6 +29,11 @@ demo: install
 	$(VENV)/bin/sris predict $(DEMO)/data/examples --prompts $(DEMO)/data/examples/prompts.jsonl \
 		--checkpoint $(DEMO)/run/best.pt --out $(DEMO)/predictions --attention
 	@echo "overlays, masks and attention maps: $(DEMO)/predictions/  scores: $(DEMO)/eval.json"
+
+# The demo's model in a web page (sris demo): http://127.0.0.1:7860, Ctrl-C stops it.
+serve: install
+	@test -f $(DEMO)/run/best.pt || { echo "no $(DEMO)/run/best.pt: run make demo first"; exit 2; }
+	$(VENV)/bin/sris demo --checkpoint $(DEMO)/run/best.pt
 
 clean:
 	rm -rf $(VENV) $(DEMO)

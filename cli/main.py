@@ -7,6 +7,7 @@ import typer
 import shared_ris
 
 from .common import fail
+from .demo import demo
 from .evaluate import evaluate
 from .export import export
 from .flops import flops
@@ -39,6 +40,7 @@ app.add_typer(prepare_app, name="prepare")
 app.command()(train)
 app.command("eval")(evaluate)
 app.command()(predict)
+app.command()(demo)
 app.command()(export)
 app.command()(flops)
 

@@ -3,10 +3,11 @@
 A checkpoint is one plain dict, written atomically and read with ``torch.load(weights_only=True)``::
 
     {"model", "optimizer", "scaler", "epoch", "epoch_step", "step", "best_oiou", "rng", "recipe",
-     "tokenizer_path", "version"}
+     "tokenizer_path", "dataset", "version"}
 
 ``epoch`` is the epoch to continue and ``epoch_step`` the batches of it already trained (see
-:class:`shared_ris.train_state.RunState`); ``rng`` holds one entry per rank. Inference needs only
+:class:`shared_ris.train_state.RunState`); ``rng`` holds one entry per rank; ``dataset`` is the
+manifest's name of the training data (absent in older checkpoints). Inference needs only
 ``model`` and ``recipe`` (:func:`save_trained` writes just those). Official BEiT-3 files are a
 different thing, read by :mod:`shared_ris.model.pretrained`; passing one here is caught and named.
 Every failure is one :class:`CheckpointError` line.

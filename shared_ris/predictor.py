@@ -88,7 +88,9 @@ def _read_errors(path: Path) -> Iterator[None]:
         yield
     except FileNotFoundError:
         raise ImageReadError(path, "file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # over Pillow's own limit (about 179 MP), refused from the header
+        raise ImageTooLargeError(path, f"over Pillow's limit for one image ({first_line(exc)})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise ImageReadError(path, f"cannot read image ({first_line(exc)})") from None
 
 

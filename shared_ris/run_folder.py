@@ -52,8 +52,11 @@ def check_folder_free(path: str | Path) -> None:
 class RunFolder:
     """``out_dir`` of a training run, as seen from one rank; a context manager holding the lock."""
 
-    def __init__(self, out_dir: str | Path, recipe: Recipe, env: DistEnv, tokenizer_path: str | Path | None = None) -> None:
+    def __init__(
+        self, out_dir: str | Path, recipe: Recipe, env: DistEnv, tokenizer_path: str | Path | None = None, dataset: str | None = None
+    ) -> None:
         self.path, self.recipe, self.env, self.tokenizer_source = Path(out_dir), recipe, env, tokenizer_path
+        self.dataset = dataset  # the manifest's dataset name, recorded so that a model can say what it learnt from
         self.metrics = self.path / "metrics.jsonl"
         # Checkpoints record the copy's bare name: a path read from a checkpoint is never followed
         # outside the checkpoint's own folder (see shared_ris.checkpoint.find_tokenizer).
@@ -103,7 +106,7 @@ class RunFolder:
             return
         checkpoint = {
             **state_dicts, **state.to_checkpoint(), "rng": rngs, "recipe": self.recipe.to_dict(),
-            "tokenizer_path": self.tokenizer_path,
+            "tokenizer_path": self.tokenizer_path, **({"dataset": self.dataset} if self.dataset else {}),
         }  # fmt: skip
         for name in names:
             save_checkpoint(checkpoint, self.path / name)

@@ -167,10 +167,16 @@ def train(
         data = ShardData(data_dir, recipe, tokenizer, env)
         return train_loop(
             recipe, data, out_dir, env=env, pretrained=pretrained, resume=resume, progress=progress,
-            tokenizer_path=str(tokenizer.path),
+            tokenizer_path=str(tokenizer.path), dataset=dataset_name(data_dir),
         )
     finally:
         teardown(env)
+
+
+def dataset_name(data_dir: str | Path) -> str | None:
+    """The manifest's ``dataset`` (``synthetic``, ``refcoco``, …), which checkpoints record."""
+    name = read_manifest(data_location(data_dir)).get("dataset")
+    return name if isinstance(name, str) and name else None
 
 
 def rng_neutral(batches: Iterable[dict]) -> Iterator[dict]:
@@ -285,7 +291,7 @@ def check_in(run: RunFolder, trainee: Trainee, state: RunState, losses: torch.Te
 
 def train_loop(
     recipe: Recipe, data: DataSource, out_dir: str | Path, *, env: DistEnv = DistEnv(), pretrained: str | Path | None = None,
-    resume: str | Path | None = None, progress: Progress | None = None, tokenizer_path: str | None = None,
+    resume: str | Path | None = None, progress: Progress | None = None, tokenizer_path: str | None = None, dataset: str | None = None,
 ) -> dict:
     """The training loop. Every rank calls it with its own ``data``; rank 0 writes the run folder.
 
@@ -296,7 +302,7 @@ def train_loop(
     if env.device.type == "cpu":
         torch.set_flush_denormal(True)  # denormal activations and Adam moments made CPU steps up to 100× slower
     notify = progress if (progress is not None and env.is_main) else (lambda event: None)
-    with RunFolder(out_dir, recipe, env, tokenizer_path) as run, StopOnSignal() as stop:
+    with RunFolder(out_dir, recipe, env, tokenizer_path, dataset) as run, StopOnSignal() as stop:
         checkpoint_path = run.resume_path(resume)
         trainee = build_trainee(recipe, env, pretrained if checkpoint_path is None else None, notify)
         steps_per_epoch = data.batches_per_epoch // k

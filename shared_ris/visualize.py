@@ -8,9 +8,14 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageStat
 
-MASK_COLOR = (255, 48, 48)
+# Tints for masks: saturated and far apart, so that the one farthest from a region's own colour
+# stands out on it (a red tint on a blue shape reads as purple, one of the shapes' own colours).
+MASK_PALETTE = {
+    "yellow": (255, 221, 0), "cyan": (0, 229, 255), "magenta": (255, 0, 170), "green": (60, 255, 60),
+    "orange": (255, 110, 0), "blue": (40, 80, 255), "red": (255, 40, 40), "white": (255, 255, 255),
+}  # fmt: skip
 # Anchor colours of a perceptually ordered map (dark blue → teal → yellow → red), interpolated to 256.
 _HEAT_ANCHORS = np.array([[48, 18, 59], [40, 120, 220], [30, 200, 160], [190, 230, 50], [250, 150, 30], [180, 20, 10]], np.float32)
 SPLIT_COLORS = [(66, 133, 244), (234, 67, 53), (251, 188, 5), (52, 168, 83), (154, 80, 200), (90, 90, 90)]
@@ -21,14 +26,54 @@ def save_mask(mask: np.ndarray, path: str | Path) -> None:
     Image.fromarray(np.asarray(mask, dtype=bool)).convert("L").save(path, format="PNG", compress_level=1)
 
 
-def overlay_mask(image: Image.Image, mask: np.ndarray, color: tuple[int, int, int] = MASK_COLOR, alpha: float = 0.5) -> Image.Image:
-    """A copy of the RGB ``image`` with the (H, W) boolean ``mask`` tinted ``color`` at opacity ``alpha``."""
-    if mask.shape != (image.height, image.width):
-        raise ValueError(f"mask {mask.shape} does not match image {(image.height, image.width)}")
-    out = image.copy()
-    opacity = Image.fromarray(np.asarray(mask, dtype=bool)).convert("L").point(lambda v: int(v * alpha))
-    out.paste(color, mask=opacity)
-    return out
+def contrasting_color(image: Image.Image, mask: np.ndarray, taken: Sequence[tuple[int, int, int]] = ()) -> tuple[int, int, int]:
+    """The :data:`MASK_PALETTE` colour farthest (RGB distance) from the mean colour of ``image``'s
+    pixels under the (H, W) boolean ``mask`` (of the whole image when the mask is empty), skipping
+    the ``taken`` ones while others are left."""
+    region = Image.fromarray(np.asarray(mask, dtype=bool)).convert("L") if mask.any() else None
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    mean = np.array(ImageStat.Stat(rgb, mask=region).mean, np.float32)  # (3,), without a float copy of the image
+    free = [color for color in MASK_PALETTE.values() if color not in taken] or list(MASK_PALETTE.values())
+    return max(free, key=lambda color: float(np.sum((np.array(color, np.float32) - mean) ** 2)))
+
+
+def mask_contour(mask: np.ndarray, width: int = 2) -> np.ndarray:
+    """(H, W) bool: the mask's pixels within ``width`` pixels (8-connected) of a pixel outside it,
+    i.e. the mask minus its erosion by a (2·width + 1)² square. The image's edge is not a border."""
+    as_image = Image.fromarray(np.asarray(mask, dtype=bool)).convert("L")
+    eroded = np.asarray(as_image.filter(ImageFilter.MinFilter(2 * width + 1))) > 0
+    return np.asarray(mask, dtype=bool) & ~eroded
+
+
+def contour_width_for(size: tuple[int, int]) -> int:
+    """1 px on small images, up to 3 px on large ones (one per 256 px of the shorter side)."""
+    return min(3, max(1, round(min(size) / 256)))
+
+
+def overlay_masks(
+    image: Image.Image, masks: Sequence[np.ndarray], alpha: float = 0.55, contour_width: int | None = None
+) -> tuple[Image.Image, list[tuple[int, int, int]]]:
+    """A copy of the RGB ``image`` with each (H, W) boolean mask tinted at opacity ``alpha`` and
+    outlined (``contour_width`` px, opaque; ``None``: :func:`contour_width_for` the image), each in
+    its own colour, chosen to contrast with the region it covers (:func:`contrasting_color`).
+    Later masks are drawn over earlier ones. Returns the picture and the colour of each mask."""
+    out, colors = image.convert("RGB"), []
+    contour_width = contour_width_for(image.size) if contour_width is None else contour_width
+    for mask in masks:
+        if mask.shape != (image.height, image.width):
+            raise ValueError(f"mask {mask.shape} does not match image {(image.height, image.width)}")
+        color = contrasting_color(image, mask, colors)
+        colors.append(color)
+        out.paste(color, mask=Image.fromarray(np.asarray(mask, dtype=bool)).convert("L").point(lambda v: int(v * alpha)))
+        if contour_width > 0:
+            out.paste(color, mask=Image.fromarray(mask_contour(mask, contour_width)))
+    return out, colors
+
+
+def overlay_mask(image: Image.Image, mask: np.ndarray, alpha: float = 0.55, contour_width: int | None = None) -> Image.Image:
+    """A copy of the RGB ``image`` with the (H, W) boolean ``mask`` tinted and outlined in a
+    colour that contrasts with it (:func:`overlay_masks` with one mask)."""
+    return overlay_masks(image, [mask], alpha, contour_width)[0]
 
 
 def heat_colors(levels: np.ndarray) -> np.ndarray:

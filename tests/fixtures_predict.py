@@ -56,10 +56,15 @@ def train_short_run(folder: Path) -> Path:
     return folder / "run" / "best.pt"
 
 
+_short_runs: list[Path] = []  # trained once per session, whichever test modules import the fixture
+
+
 @pytest.fixture(scope="session")
 def short_run(tmp_path_factory) -> Path:
     """``best.pt`` of :func:`train_short_run` (``../../data``, ``../../examples`` beside its run folder)."""
-    return train_short_run(tmp_path_factory.mktemp("short_run"))
+    if not _short_runs:  # each importing module registers its own fixture; they share one run
+        _short_runs.append(train_short_run(tmp_path_factory.mktemp("short_run")))
+    return _short_runs[0]
 
 
 def gradient(width: int, height: int) -> Image.Image:
