@@ -45,7 +45,7 @@ DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_MAX_UPLOAD_MB = 20
 MAX_EXPRESSIONS = len(MASK_PALETTE)  # each expression gets a colour of its own
 KEEP_RESULTS_S = 3600  # mask PNGs offered for download are deleted an hour after they were made
-COLUMNS = ["#", "colour", "expression", "pixels", "score", "ms"]  # score: mean probability inside the mask
+COLUMNS = ["#", "colour", "expression", "pixels", "score", "ms"]  # score: mean probability inside the mask; pixels: "no target" when decided so
 NEEDS_EXTRA = "sris demo needs the [demo] extra: pip install 'shared-ris[demo]'"
 COLOR_NAMES = {rgb: name for name, rgb in MASK_PALETTE.items()}
 # Small images (the synthetic scenes are 64 px) fill their box, as square pixels rather than blurred.
@@ -173,7 +173,8 @@ class Segmenter:
         for number, (expression, (prediction, ms), color) in enumerate(zip(texts, timed, colors), 1):
             result.masks.append(folder / f"mask{number}_{_file_label(expression)}.png")
             save_mask(prediction.mask, result.masks[-1])
-            result.rows.append([number, COLOR_NAMES[color], expression, prediction.area, round(prediction.mean_prob, 4), round(ms, 1)])
+            pixels_shown = "no target" if prediction.no_target else prediction.area  # a generalized model's "nothing here"
+            result.rows.append([number, COLOR_NAMES[color], expression, pixels_shown, round(prediction.mean_prob, 4), round(ms, 1)])
             for key in ATTENTION_KEYS:
                 if key in prediction.attention:
                     result.attention.append((overlay_attention(image, prediction.attention[key]), f"{number}. {key}: {expression}"))

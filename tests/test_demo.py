@@ -17,6 +17,7 @@ from shared_ris.bundle import write_bundle
 from shared_ris.checkpoint import read_trained, save_checkpoint
 from shared_ris.demo import MAX_EXPRESSIONS, NEEDS_EXTRA, Segmenter, describe_checkpoint, example_inputs, expressions
 from shared_ris.errors import SharedRISError
+from shared_ris.model import NoTargetRule
 from shared_ris.predictor import Predictor
 from shared_ris.visualize import MASK_PALETTE
 
@@ -47,6 +48,14 @@ def test_segment_writes_one_mask_per_expression(segmenter, tmp_path):
         reference = segmenter.predictor.predict([Image.open(tmp_path / "photo.png").convert("RGB")], text)[0]
         assert np.array_equal(mask, reference.mask) and row[3] == reference.area
     assert all(path.parent.parent == segmenter.results for path in result.masks)
+
+
+def test_a_no_target_decision_says_so_in_the_table(trained_run, tmp_path):
+    predictor = Predictor.from_checkpoint(trained_run)
+    predictor.no_target = NoTargetRule(min_area=10**6)  # every mask "too small": the expression names nothing
+    gradient(50, 40).save(tmp_path / "photo.png")
+    result = Segmenter(predictor, tmp_path / "results").segment(tmp_path / "photo.png", "the green triangle")
+    assert result.rows[0][3] == "no target" and not (np.asarray(Image.open(result.masks[0])) > 0).any()
 
 
 @pytest.mark.parametrize(
