@@ -32,7 +32,7 @@ from shared_ris.evaluate import evaluate_run
 from shared_ris.model import NoTargetRule
 from shared_ris.train import train
 
-AREA_GRID = (0, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)  # pixels of the 128² input
+AREA_GRID = (0, 8, 16, 32, 48, 64, 96, 128, 192, 256, 320, 384, 448, 512, 640)  # pixels of a 128² input, scaled to --size
 FIGURES = ("gIoU", "cIoU", "N-acc", "T-acc", "Pr@0.7", "Pr@0.9")
 
 
@@ -70,10 +70,10 @@ def scores(checkpoint: Path, data_dir: Path, split: str, rule: NoTargetRule | No
     return report["splits"][split]["generalized"]["all"]
 
 
-def choose_area(checkpoint: Path, data_dir: Path, t_acc: float) -> tuple[int, dict]:
+def choose_area(checkpoint: Path, data_dir: Path, t_acc: float, size: int) -> tuple[int, dict]:
     """The largest k on the grid whose val T-acc is at least ``t_acc`` (k = 0 if none), and its val figures."""
     chosen = (0, scores(checkpoint, data_dir, "val", NoTargetRule(min_area=0)))
-    for k in AREA_GRID[1:]:
+    for k in (round(k * size * size / 128**2) for k in AREA_GRID[1:]):
         figures = scores(checkpoint, data_dir, "val", NoTargetRule(min_area=k))
         print(f"  area rule k={k}: val N-acc {figures['N-acc']:.3f} T-acc {figures['T-acc']:.3f}", flush=True)
         if figures["T-acc"] < t_acc:
@@ -85,25 +85,26 @@ def choose_area(checkpoint: Path, data_dir: Path, t_acc: float) -> tuple[int, di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("/tmp/sris-generalized"))
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=96, help="image side of the synthetic set and the model input")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override key=value")
     args = parser.parse_args()
     data_dir = args.out / "data"
-    prepare_synthetic(data_dir, train=4000, val=300, test=300, size=128, generalized=True)
-    common = [f"train.max_steps={args.steps}", "train.epochs=1000", "train.eval_every=1000", *args.overrides]
+    prepare_synthetic(data_dir, train=4000, val=300, test=300, size=args.size, generalized=True)
+    common = [f"model.image_size={args.size}", f"train.max_steps={args.steps}", "train.epochs=1000", "train.eval_every=1000", *args.overrides]
     runs = {"head": args.out / "head", "area": args.out / "area"}
     timing = {name: train_variant(data_dir, path, common + ([f"model.no_target_head={name == 'head'}"])) for name, path in runs.items()}
     head_ckpt, area_ckpt = runs["head"] / "last.pt", runs["area"] / "last.pt"
 
     head_val = scores(head_ckpt, data_dir, "val")
-    k_area, _ = choose_area(area_ckpt, data_dir, head_val["T-acc"])
-    k_same, _ = choose_area(head_ckpt, data_dir, head_val["T-acc"])
+    k_area, _ = choose_area(area_ckpt, data_dir, head_val["T-acc"], args.size)
+    k_same, _ = choose_area(head_ckpt, data_dir, head_val["T-acc"], args.size)
     rows = {
         "head model, head": scores(head_ckpt, data_dir, "test"),
         f"no-head model, area rule k={k_area}": scores(area_ckpt, data_dir, "test", NoTargetRule(min_area=k_area)),
         f"head model, area rule k={k_same}": scores(head_ckpt, data_dir, "test", NoTargetRule(min_area=k_same)),
     }
-    print(f"{'test (300 refs)':42s}" + "".join(f"{name:>9s}" for name in FIGURES))
+    print(f"{'test (300 refs, ' + str(args.size) + ' px)':42s}" + "".join(f"{name:>9s}" for name in FIGURES))
     for name, figures in rows.items():
         print(f"{name:42s}" + "".join(f"{figures[k]:9.3f}" for k in FIGURES))
     head = rows["head model, head"]
