@@ -53,21 +53,20 @@ def render_split(split: str, figures: dict, protocol_line: str) -> None:
 
 
 GENERALIZED_COLUMNS = ("gIoU", "cIoU", "N-acc", "T-acc", "Pr@0.7", "Pr@0.8", "Pr@0.9")
-GROUP_NAMES = {"all": "all", "0": "no target", "1": "one target", "2+": "2+ targets"}
 
 
 def render_generalized(split: str, figures: dict, rule: str) -> None:
     """gRefCOCO's figures (ReLA's evaluator) over all expressions and by target count."""
     table = Table(title=f"{split}: generalized (gRefCOCO) figures")
-    table.add_column("expressions")
+    table.add_column("targets", no_wrap=True)
     for column in GENERALIZED_COLUMNS:
         table.add_column(f"{column} (%)", justify="right")
     table.add_column("n", justify="right")
     for group, row in figures.items():
         cells = ("-" if row[k] != row[k] else _percent(row[k]) for k in GENERALIZED_COLUMNS)  # nan: no expression of that kind
-        table.add_row(GROUP_NAMES.get(group, group), *cells, str(row["n"]))
+        table.add_row(group, *cells, str(row["n"]))
     console.print(table)
-    console.print(f"no-target decision: {rule}; N-acc over no-target expressions, T-acc and Pr@X over the others", style="dim", highlight=False)
+    console.print(f"by target count (all, 0 = no target, 1, 2+); no-target decision: {rule}; N-acc over no-target expressions, T-acc and Pr@X over the others", style="dim", highlight=False, soft_wrap=True)
 
 
 def _check_options(gpus: int, nproc: int, workers: int | None, batch_size: int | None) -> None:
