@@ -16,7 +16,6 @@ COCO's ``annToMask`` does. Each sample's JSON keeps the list ``ann_id`` and ``ta
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from .refer import (
     checked_refs,
     image_path,
     load_instances,
+    read_json_file,
     ref_with_keys,
 )
 from .safe_pickle import load_pickle
@@ -54,17 +54,8 @@ def load_grefs(path: str | Path) -> list[dict]:
     """The refs list (JSON, or a pickle read with the restricted unpickler), every field the
     preparation reads type-checked and ref_ids unique; a one-line DataError naming the ref otherwise."""
     path = Path(path)
-    refs = load_pickle(path) if path.suffix == ".p" else _load_json(path)
+    refs = load_pickle(path) if path.suffix == ".p" else read_json_file(path, "a JSON refs file", GREFS_HINT)
     return checked_refs(path, refs, check_gref, "a list of gRefCOCO ref dicts", GREFS_HINT)
-
-
-def _load_json(path: Path) -> Any:
-    try:
-        with open(path, "rb") as f:
-            return json.load(f)
-    except (OSError, ValueError, RecursionError) as exc:
-        detail = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise DataError(f"{path}: not a JSON refs file ({type(exc).__name__}: {detail}); {GREFS_HINT}") from None
 
 
 def check_gref(path: Path, where: str, ref: Any) -> None:

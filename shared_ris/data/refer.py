@@ -195,15 +195,20 @@ def _index_by_id(path: str | Path, coco: dict, section: str, check) -> dict[int,
     return by_id
 
 
+def read_json_file(path: str | Path, what: str, fix: str) -> Any:
+    """A JSON file's content; unreadable or malformed is one DataError line saying it is not ``what``."""
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nesting too deep for the parser
+        detail = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise DataError(f"{path}: not {what} ({type(exc).__name__}: {detail}); {fix}") from None
+
+
 def load_instances(path: str | Path) -> tuple[dict[int, dict], dict[int, dict]]:
     """``instances.json`` → (images by id, annotations by id), every field the preparation reads
     type-checked; a one-line DataError naming the entry otherwise."""
-    try:
-        with open(path, "rb") as f:
-            coco = json.load(f)
-    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nesting too deep for the parser
-        detail = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise DataError(f"{path}: not a COCO instances file ({type(exc).__name__}: {detail}); re-download it") from None
+    coco = read_json_file(path, "a COCO instances file", "re-download it")
     if not isinstance(coco, dict):
         raise DataError(f"{path}: expected a JSON object with 'images' and 'annotations', got {type(coco).__name__}; {INSTANCES_HINT}")
     return _index_by_id(path, coco, "images", check_image_entry), _index_by_id(path, coco, "annotations", check_annotation)
