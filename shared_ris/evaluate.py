@@ -159,11 +159,12 @@ def evaluate_model(
             logits, no_target_logits = run_model(model, rule, *inputs)
         logits = logits.float().cpu()
         side = batch["images"].shape[-1]
-        decided = rule.decide(logits, None if no_target_logits is None else no_target_logits.cpu(), side, threshold)
+        decided = rule.decide(logits, no_target_logits, side, threshold)
+        counts = batch.get("target_counts") or [1] * len(decided)  # a classic RIS batch: one object each
         for i, (key, sent_id) in enumerate(zip(batch["keys"], batch["sent_ids"])):
             target = targets.get(key, torch.as_tensor(batch["orig_masks"][i]).bool(), side)
             pred = _predicted_mask(logits[i], target.shape, threshold, resolution, resampling, targets.box, side)
-            acc.add(f"{key}_{sent_id}", pred, target, bool(decided[i]), batch.get("target_counts", [1] * len(decided))[i])
+            acc.add(f"{key}_{sent_id}", pred, target, bool(decided[i]), counts[i])
             if on_mask is not None:
                 on_mask(key, sent_id, torch.zeros_like(pred) if decided[i] else pred)
             if on_target is not None:

@@ -303,7 +303,7 @@ class Predictor:
                 logits, no_target_logits = run_model(self.model, self.no_target, *inputs)
                 maps = self.model.attention_maps(*inputs)[1] if attention else {}
         logits = logits.float().cpu()
-        decided = self.no_target.decide(logits, None if no_target_logits is None else no_target_logits.cpu(), self.image_size, self.threshold)
+        decided = self.no_target.decide(logits, no_target_logits, self.image_size, self.threshold)
         maps = {k: v.float().cpu().numpy() for k, v in maps.items()}
         results = []
         for i, size in enumerate(sizes):

@@ -66,14 +66,14 @@ class NoTargetRule:
         return f"area rule (< {self.min_area} px at the input size)" if self.min_area > 0 else "never (no head, no area rule)"
 
     def decide(self, logits: torch.Tensor, no_target_logits: torch.Tensor | None, side: int, threshold: float) -> torch.Tensor:
-        """(B,) bool: True where the expression is decided to name nothing."""
+        """(B,) bool on the CPU: True where the expression is decided to name nothing."""
         if self.head:
             if no_target_logits is None:
                 raise ValueError("the no-target rule asks for the head's logits, but the model has no head")
-            return no_target_logits.float() > 0
+            return no_target_logits.float().cpu() > 0
         if self.min_area <= 0:
             return torch.zeros(len(logits), dtype=torch.bool)
-        return mask_areas(logits, side, threshold) < self.min_area
+        return (mask_areas(logits, side, threshold) < self.min_area).cpu()
 
 
 def run_model(model, rule: NoTargetRule, images: torch.Tensor, text_ids: torch.Tensor, text_padding_mask: torch.Tensor):
