@@ -131,3 +131,32 @@ def test_missing_and_unparsable_refs_files(tmp_path):
     path.unlink()
     with pytest.raises(DataError, match=r"grefs\(unc\)\.json: gRefCOCO refs not found"):
         prepare_refer("grefcoco", fixture.root, fixture.images, tmp_path / "out", workers=1)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda folder: (folder / "grefs(unc).json").write_bytes(b"\xff\xfe\x00garbage"), "not a JSON refs file"),
+        (lambda folder: (folder / "grefs(unc).json").write_text(json.dumps({"refs": []})), "expected a list of gRefCOCO ref dicts, got a dict"),
+        (lambda folder: (folder / "grefs(unc).json").write_text(json.dumps([{"ref_id": "1"}])), "lacks ann_id"),
+        (lambda folder: (folder / "instances.json").write_text(json.dumps(_instances_with_name(folder, "../../outside.jpg"))), "'file_name' must be a name inside the --images folder"),
+        (lambda folder: (folder / "instances.json").write_text(json.dumps(_instances_with_name(folder, "/etc/passwd"))), "'file_name' must be a name inside the --images folder"),
+    ],
+)
+def test_hostile_inputs_are_one_line_exit_2_and_write_nothing_outside(tmp_path, damage, message):
+    fixture = write_grefcoco(tmp_path / "in")
+    damage(fixture.root / "grefcoco")
+    out = tmp_path / "work" / "out"
+    before = sorted(p for p in tmp_path.rglob("*") if out not in p.parents and p != out)
+    args = ["prepare", "grefcoco", "--refer-root", str(fixture.root), "--images", str(fixture.images), "--out", str(out), "--workers", "1"]
+    result = CliRunner().invoke(app, args, terminal_width=400)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert sorted(p for p in tmp_path.rglob("*") if out not in p.parents and p != out) == before
+    assert not out.exists() or not list(out.glob("*.tar"))
+
+
+def _instances_with_name(folder, name: str) -> dict:
+    instances = json.loads((folder / "instances.json").read_text())
+    instances["images"][0]["file_name"] = name
+    return instances
