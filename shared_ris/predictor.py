@@ -297,11 +297,8 @@ class Predictor:
         ids, padding = self.encode_texts(texts)
         inputs = (pixels.to(self.device), ids.to(self.device), padding.to(self.device))
         with self._precision_context():
-            if attention and not self.no_target.head:
-                (logits, maps), no_target_logits = self.model.attention_maps(*inputs), None
-            else:  # with a no-target head, attention maps cost a second forward pass
-                logits, no_target_logits = run_model(self.model, self.no_target, *inputs)
-                maps = self.model.attention_maps(*inputs)[1] if attention else {}
+            run = lambda: run_model(self.model, self.no_target, *inputs)  # noqa: E731
+            (logits, no_target_logits), maps = self.model.recording_attention(run) if attention else (run(), {})
         logits = logits.float().cpu()
         decided = self.no_target.decide(logits, no_target_logits, self.image_size, self.threshold)
         maps = {k: v.float().cpu().numpy() for k, v in maps.items()}

@@ -129,6 +129,23 @@ def test_head_logits_come_with_the_same_masks():
         shared_ris.build_model(shared_ris.load_recipe("tiny", list(SMALL))).forward_with_no_target(*inputs)
 
 
+def test_attention_maps_come_from_the_head_models_one_pass(generalized_run):
+    predictor = Predictor.from_checkpoint(generalized_run)
+    calls = []
+    predictor.model.beit3.register_forward_hook(lambda *_: calls.append(1))
+    image = Image.new("RGB", (64, 64), (120, 120, 120))
+    with_maps = predictor.predict([image, image], ["the red circle", "the green triangle"], attention=True)
+    assert len(calls) == 1
+    plain = predictor.predict([image, image], ["the red circle", "the green triangle"])
+    pixels = torch.stack([predictor.preprocess(image)] * 2)
+    ids, padding = predictor.encode_texts(["the red circle", "the green triangle"])
+    with torch.no_grad():
+        _, maps = predictor.model.attention_maps(pixels, ids, padding)
+    for a, b, i in zip(with_maps, plain, range(2)):
+        assert a.no_target == b.no_target and np.array_equal(a.mask, b.mask) and set(a.attention) == set(maps)
+        assert all(np.allclose(a.attention[k], maps[k][i].numpy()) for k in maps)
+
+
 def test_area_rule_and_head_rule_on_hand_made_logits():
     logits = torch.full((3, 1, 4, 4), -10.0)
     logits[0, 0, :2, :2] = 10.0  # a quarter of the 16×16 input, less its bilinear corner

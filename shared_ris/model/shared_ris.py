@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 from torch import nn
@@ -14,6 +15,8 @@ from .decoder import SharedMaskDecoder
 from .fpn import NoFPN, SharedFPN
 from .no_target import NoTargetHead
 from .pretrained import LoadReport, load_beit3_checkpoint
+
+T = TypeVar("T")
 
 
 def text_cls_attention_map(weights: torch.Tensor, num_vision_tokens: int) -> torch.Tensor:
@@ -119,16 +122,21 @@ class SharedRIS(nn.Module):
         layer, the mean over the FPN levels, and the decoder's last layer ("fpn" / "decoder" are
         absent when the model has none).
         """
+        return self.recording_attention(lambda: self(images, text_ids, text_padding_mask))
+
+    def recording_attention(self, run: Callable[[], T]) -> tuple[T, dict[str, torch.Tensor]]:
+        """``run()``'s result (any forward of this model, e.g. :meth:`forward_with_no_target`) and
+        the attention maps of :meth:`attention_maps` recorded during it: one pass for both."""
         split = self.beit3.num_vision_tokens
         with record_attention(self.attention_modules(), lambda w: text_cls_attention_map(w, split)) as recorded:
-            logits = self(images, text_ids, text_padding_mask)
+            result = run()
         maps = {"encoder": recorded["encoder"]}
         levels = [recorded[name] for name in recorded if name.startswith("fpn.")]
         if levels:
             maps["fpn"] = torch.stack(levels).mean(0)
         if "decoder" in recorded:
             maps["decoder"] = recorded["decoder"]
-        return logits, maps
+        return result, maps
 
     def load_pretrained(self, path: str | Path, verbose: bool = True) -> LoadReport:
         """Load an official BEiT-3 ``.pth`` into the encoder; see :func:`load_beit3_checkpoint`."""
