@@ -115,6 +115,11 @@ def evaluate(
         None, "--no-target-area", min=0,
         help="Decide 'names nothing' by the area rule: a mask under this many pixels at the input size (0: never), "
         "instead of the model's own rule (its no-target head, or the recipe's model.no_target_min_area).",
+    ),
+    no_target_threshold: Optional[float] = typer.Option(
+        None, "--no-target-threshold",
+        help="Decide 'names nothing' by the no-target head's σ > P instead of the recipe's model.no_target_threshold "
+        "(0.5): lower finds more no-target expressions (N-acc) and wrongly empties more others (T-acc). Choose it on val.",
     ),  # fmt: skip
 ) -> None:
     """Score a trained checkpoint on prepared splits: oIoU, mIoU, P@0.5/0.7/0.9 and IoU by target size."""
@@ -127,6 +132,7 @@ def evaluate(
     )
     splits = parse_splits(split)
     _check_options(gpus, nproc, workers, batch_size)
+    rule = _no_target_rule(no_target_area, no_target_threshold)
     for path, option in ((json_path, "--json"), (plot, "--plot")):
         if path is not None:
             check_output_file(path, option)
@@ -153,10 +159,24 @@ def evaluate(
         report = evaluate_run(
             checkpoint, location, splits, tokenizer=tokenizer, protocol=chosen, save_masks=save_masks, device=device,
             batch_size=batch_size, num_workers=workers, progress=advance,
-            no_target=None if no_target_area is None else NoTargetRule(head=False, min_area=no_target_area),
+            no_target=rule,
         )  # fmt: skip
-    if not is_main:
-        return
+    if is_main:
+        _print_report(report, json_path, save_masks, plot)
+
+
+def _no_target_rule(area: int | None, threshold: float | None) -> NoTargetRule | None:
+    """The rule the options ask for, or None for the model's own."""
+    if area is not None and threshold is not None:
+        fail("give --no-target-area K (the area rule) or --no-target-threshold P (the head), not both")
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        fail(f"--no-target-threshold is a probability in (0, 1), got {threshold}")
+    if threshold is not None:
+        return NoTargetRule(head=True, head_threshold=threshold)
+    return None if area is None else NoTargetRule(head=False, min_area=area)
+
+
+def _print_report(report: dict, json_path: Path | None, save_masks: Path | None, plot: Path | None) -> None:
     line = report["protocol"]["description"]
     for name, figures in report["splits"].items():
         render_split(name, figures, line)

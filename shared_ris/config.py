@@ -71,6 +71,7 @@ class ModelConfig:
     # Generalized RIS (gRefCOCO): a classifier deciding "the expression names nothing" (ReLA's
     # no-target branch), or, without it, "no target" when the mask has < no_target_min_area pixels at S×S.
     no_target_head: bool = False
+    no_target_threshold: float = 0.5  # the head decides "no target" when σ(its logit) > this; choose on val
     no_target_min_area: int = 0  # 0: off
 
 
@@ -294,7 +295,7 @@ RANGES = {
     "model.encoder.ffn_dim": "[1, inf)", "model.encoder.vocab_size": "[4, inf)", "model.encoder.patch_size": "[1, inf)",
     "model.encoder.drop_path_rate": "[0, 1)", "model.fpn.dim": "[1, inf)", "model.fpn.num_heads": "[1, inf)",
     "model.decoder.num_heads": "[1, inf)", "model.decoder.mlp_ratio": "(0, inf)", "model.decoder.upsample_blocks": "[0, inf)",
-    "model.no_target_min_area": "[0, inf)", "loss.no_target_weight": "[0, inf)",
+    "model.no_target_min_area": "[0, inf)", "model.no_target_threshold": "(0, 1)", "loss.no_target_weight": "[0, inf)",
     "loss.bce_weight": "[0, inf)", "loss.dice_weight": "[0, inf)", "data.shuffle_buffer": "[1, inf)", "data.num_workers": "[0, inf)",
     "train.epochs": "[1, inf)", "train.max_steps": "[0, inf)", "train.batch_size": "[1, inf)", "train.lr": "(0, inf)",
     "train.accumulate_steps": "[1, inf)",

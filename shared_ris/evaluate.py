@@ -305,6 +305,8 @@ def evaluate_run(
         if protocol.threshold is None:
             protocol = replace(protocol, threshold=recipe.model.threshold)
         rule = NoTargetRule.of(model) if no_target is None else no_target
+        if rule.head and getattr(model, "no_target_head", None) is None:
+            raise SharedRISError(f"{checkpoint}: this model has no no-target head to decide with; use the area rule (--no-target-area K)")
         generalized = read_manifest(location).get("generalized") is True
         loaders = {  # built up front, so a missing split fails before the first one is scored
             split: build_eval_loader(

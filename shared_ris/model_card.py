@@ -171,7 +171,7 @@ def _overview(facts: ModelFacts) -> list[str]:
         ("trained", trained or "not recorded"),
     ]
     if model.no_target_head or model.no_target_min_area:  # generalized RIS: it may answer "nothing here"
-        rule = "a no-target head (σ > 0.5)" if model.no_target_head else f"masks under {model.no_target_min_area} pixels at {side}×{side}"
+        rule = f"a no-target head (σ > {model.no_target_threshold:g})" if model.no_target_head else f"masks under {model.no_target_min_area} pixels at {side}×{side}"
         rows.insert(4, ("no target", f"an expression that names nothing gets an empty mask, decided by {rule}"))
     return ["| | |", "|---|---|", *(f"| {key} | {value} |" for key, value in rows)]
 

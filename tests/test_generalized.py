@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 import shared_ris
 from cli.main import app
 from shard_reading import members_by_key
+from shared_ris.config import RecipeError
 from shared_ris.data import DataError, build_train_loader, prepare_synthetic
 from shared_ris.data.sample import parse_sample
 from shared_ris.data.synthetic import COLOURS, SHAPES, SIZES
@@ -127,6 +128,11 @@ def test_head_logits_come_with_the_same_masks():
     assert no_target.shape == (3,) and torch.equal(logits, model(*inputs))
     with pytest.raises(ValueError, match="no no-target head"):
         shared_ris.build_model(shared_ris.load_recipe("tiny", list(SMALL))).forward_with_no_target(*inputs)
+    assert NoTargetRule.of(model) == NoTargetRule(head=True, head_threshold=0.5)
+    tuned = shared_ris.build_model(shared_ris.load_recipe("tiny", [*SMALL, "model.no_target_head=true", "model.no_target_threshold=0.3"]))
+    assert NoTargetRule.of(tuned) == NoTargetRule(head=True, head_threshold=0.3)
+    with pytest.raises(RecipeError, match="no_target_threshold"):
+        shared_ris.load_recipe("tiny", ["model.no_target_threshold=1"])
 
 
 def test_attention_maps_come_from_the_head_models_one_pass(generalized_run):
@@ -156,6 +162,12 @@ def test_area_rule_and_head_rule_on_hand_made_logits():
     assert NoTargetRule(min_area=16).decide(logits, None, 16, 0.35).tolist() == [False, True, True]
     assert NoTargetRule(min_area=0).decide(logits, None, 16, 0.35).tolist() == [False, False, False]
     assert NoTargetRule(head=True).decide(logits, torch.tensor([-1.0, 2.0, 0.5]), 16, 0.35).tolist() == [False, True, True]
+    # σ(-1) = 0.269, σ(2) = 0.881, σ(0.5) = 0.622
+    assert NoTargetRule(head=True, head_threshold=0.25).decide(logits, torch.tensor([-1.0, 2.0, 0.5]), 16, 0.35).tolist() == [True, True, True]
+    assert NoTargetRule(head=True, head_threshold=0.7).decide(logits, torch.tensor([-1.0, 2.0, 0.5]), 16, 0.35).tolist() == [False, True, False]
+    assert NoTargetRule(head=True, head_threshold=0.7).describe() == "no-target head (σ > 0.7)"
+    with pytest.raises(ValueError, match="probability"):
+        NoTargetRule(head=True, head_threshold=1.0)
 
 
 class _Fixed(torch.nn.Module):
@@ -216,6 +228,31 @@ def test_cli_eval_prints_generalized_figures_and_strict_json(tmp_path, generaliz
     result = CliRunner().invoke(app, [*args[:-4], "--no-target-area", "100000", "--json", str(tmp_path / "a.json")], terminal_width=200)
     area = json.loads((tmp_path / "a.json").read_text())
     assert area["no_target_rule"].startswith("area rule") and area["splits"]["val"]["generalized"]["all"]["N-acc"] == 1.0
+
+
+def test_cli_eval_moves_the_heads_threshold(tmp_path, generalized_set, generalized_run):
+    """--no-target-threshold P decides with σ > P: near 0 every expression is "no target", near 1 none;
+    with --no-target-area, or on a model without a head, it is one line and exit 2."""
+    from fixtures_predict import make_trained_run
+
+    out, _ = generalized_set
+    args = ["eval", "--checkpoint", str(generalized_run), "--data", str(out), "--split", "val", "--workers", "0"]
+    figures = {}
+    for p in ("1e-9", "0.999999999"):
+        result = CliRunner().invoke(app, [*args, "--no-target-threshold", p, "--json", str(tmp_path / f"{p}.json")], terminal_width=200)
+        assert result.exit_code == 0, result.output
+        report = json.loads((tmp_path / f"{p}.json").read_text())
+        assert report["no_target_rule"] == f"no-target head (σ > {float(p):g})"
+        figures[p] = report["splits"]["val"]["generalized"]["all"]
+    assert (figures["1e-9"]["N-acc"], figures["1e-9"]["T-acc"]) == (1.0, 0.0)
+    assert (figures["0.999999999"]["N-acc"], figures["0.999999999"]["T-acc"]) == (0.0, 1.0)
+    for extra, message in ((["--no-target-threshold", "0.5", "--no-target-area", "10"], "not both"), (["--no-target-threshold", "1.5"], "(0, 1)")):
+        result = CliRunner().invoke(app, [*args, *extra], terminal_width=200)
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+    plain = make_trained_run(tmp_path / "plain", overrides=("model.image_size=64",))
+    (tmp_path / "plain" / "spm.model").write_bytes((out / "spm.model").read_bytes())
+    result = CliRunner().invoke(app, [*args[:2], str(plain), *args[3:], "--no-target-threshold", "0.5"], terminal_width=200)
+    assert result.exit_code == 2 and "no no-target head" in result.output and len(result.output.strip().splitlines()) == 1
 
 
 def test_predict_reports_no_target(tmp_path, generalized_set, generalized_run):

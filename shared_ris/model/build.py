@@ -43,5 +43,5 @@ def build_model(recipe: Recipe | ModelConfig) -> SharedRIS:
     head = NoTargetHead(cfg.fpn.dim) if cfg.no_target_head else None
     return SharedRIS(
         build_beit3(cfg), build_fpn(cfg), build_decoder(cfg), threshold=cfg.threshold,
-        no_target_head=head, no_target_min_area=cfg.no_target_min_area,
+        no_target_head=head, no_target_threshold=cfg.no_target_threshold, no_target_min_area=cfg.no_target_min_area,
     )  # fmt: skip

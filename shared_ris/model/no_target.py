@@ -8,6 +8,7 @@ mask covers fewer than ``min_area`` pixels of the S×S input". Either decision e
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,16 +46,24 @@ def mask_areas(logits: torch.Tensor, side: int, threshold: float) -> torch.Tenso
 
 @dataclass(frozen=True)
 class NoTargetRule:
-    """How the decision is taken: by the head's σ > 0.5 when ``head`` (the model must have one),
-    else by the area rule (``min_area`` pixels at S×S; 0: never decide "no target")."""
+    """How the decision is taken: by the head's σ > ``head_threshold`` when ``head`` (the model must
+    have one), else by the area rule (``min_area`` pixels at S×S; 0: never decide "no target")."""
 
     head: bool = False
     min_area: int = 0
+    head_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.head_threshold < 1.0:
+            raise ValueError(f"the no-target head's threshold must be a probability in (0, 1), got {self.head_threshold}")
 
     @classmethod
     def of(cls, model) -> "NoTargetRule":
-        """The model's own: its head when it has one, else its recipe's area rule."""
-        return cls(head=getattr(model, "no_target_head", None) is not None, min_area=getattr(model, "no_target_min_area", 0))
+        """The model's own: its head (at its recipe's threshold) when it has one, else its recipe's area rule."""
+        return cls(
+            head=getattr(model, "no_target_head", None) is not None, min_area=getattr(model, "no_target_min_area", 0),
+            head_threshold=getattr(model, "no_target_threshold", 0.5),
+        )  # fmt: skip
 
     @property
     def active(self) -> bool:
@@ -62,7 +71,7 @@ class NoTargetRule:
 
     def describe(self) -> str:
         if self.head:
-            return "no-target head (σ > 0.5)"
+            return f"no-target head (σ > {self.head_threshold:g})"
         return f"area rule (< {self.min_area} px at the input size)" if self.min_area > 0 else "never (no head, no area rule)"
 
     def decide(self, logits: torch.Tensor, no_target_logits: torch.Tensor | None, side: int, threshold: float) -> torch.Tensor:
@@ -70,7 +79,7 @@ class NoTargetRule:
         if self.head:
             if no_target_logits is None:
                 raise ValueError("the no-target rule asks for the head's logits, but the model has no head")
-            return no_target_logits.float().cpu() > 0
+            return no_target_logits.float().cpu() > math.log(self.head_threshold / (1 - self.head_threshold))
         if self.min_area <= 0:
             return torch.zeros(len(logits), dtype=torch.bool)
         return (mask_areas(logits, side, threshold) < self.min_area).cpu()

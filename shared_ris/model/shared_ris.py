@@ -38,12 +38,13 @@ class SharedRIS(nn.Module):
         decoder: :class:`SharedMaskDecoder`.
         threshold: τ applied to sigmoid(logits) at inference.
         no_target_head: gRefCOCO's "names nothing" classifier (:class:`NoTargetHead`), or None.
+        no_target_threshold: the head decides "no target" when σ(its logit) > this.
         no_target_min_area: without a head, masks under this many pixels at S×S mean "no target" (0: off).
     """
 
     def __init__(
         self, beit3: BEiT3, fpn: SharedFPN | NoFPN, decoder: SharedMaskDecoder, threshold: float = 0.35,
-        no_target_head: NoTargetHead | None = None, no_target_min_area: int = 0,
+        no_target_head: NoTargetHead | None = None, no_target_threshold: float = 0.5, no_target_min_area: int = 0,
     ) -> None:  # fmt: skip
         super().__init__()
         self.beit3 = beit3
@@ -51,6 +52,7 @@ class SharedRIS(nn.Module):
         self.decoder = decoder
         self.no_target_head = no_target_head
         self.threshold = threshold
+        self.no_target_threshold = no_target_threshold
         self.no_target_min_area = no_target_min_area
         # The FPN reads nothing past its deepest stage (e.g. stages [3, 6] of 12 layers): skip those layers.
         self.encoder_layers = max(fpn.stages) if fpn.stages else beit3.depth
