@@ -304,9 +304,7 @@ def evaluate_run(
         model, recipe, text_tokenizer = load_run(checkpoint, tokenizer, device=env.device, data_dir=_local_folder(location))
         if protocol.threshold is None:
             protocol = replace(protocol, threshold=recipe.model.threshold)
-        rule = NoTargetRule.of(model) if no_target is None else no_target
-        if rule.head and getattr(model, "no_target_head", None) is None:
-            raise SharedRISError(f"{checkpoint}: this model has no no-target head to decide with; use the area rule (--no-target-area K)")
+        rule = _no_target_rule(model, no_target, checkpoint)
         generalized = read_manifest(location).get("generalized") is True
         loaders = {  # built up front, so a missing split fails before the first one is scored
             split: build_eval_loader(
@@ -331,6 +329,14 @@ def evaluate_run(
         "no_target_rule": rule.describe(),
         "splits": results,
     }
+
+
+def _no_target_rule(model, asked: NoTargetRule | None, checkpoint: str | Path) -> NoTargetRule:
+    """The rule asked for, or the model's own; a head rule needs a model with a head."""
+    rule = NoTargetRule.of(model) if asked is None else asked
+    if rule.head and getattr(model, "no_target_head", None) is None:
+        raise SharedRISError(f"{checkpoint}: this model has no no-target head to decide with; use the area rule (--no-target-area K)")
+    return rule
 
 
 def _score(model, loader, recipe, protocol: Protocol, rule: NoTargetRule, device, progress, saver: "_MaskSaver | None") -> MetricAccumulator:
