@@ -105,8 +105,9 @@ class _CanvasLogits(torch.nn.Module):
     def forward(self, images, ids, padding):
         return self.logits.expand(len(images), -1, -1, -1)
 
-    def attention_maps(self, images, ids, padding):
-        return self(images, ids, padding), {"encoder": torch.arange(64.0).reshape(1, 8, 8).expand(len(images), -1, -1)}
+    def recording_attention(self, run):
+        logits = run()
+        return logits, {"encoder": torch.arange(64.0).reshape(1, 8, 8).expand(len(logits), -1, -1)}
 
 
 def _predictor(resize: str, positive):
