@@ -132,7 +132,7 @@ def evaluate(
     )
     splits = parse_splits(split)
     _check_options(gpus, nproc, workers, batch_size)
-    rule = _no_target_rule(no_target_area, no_target_threshold)
+    rule = _rule_from_options(no_target_area, no_target_threshold)
     for path, option in ((json_path, "--json"), (plot, "--plot")):
         if path is not None:
             check_output_file(path, option)
@@ -165,7 +165,7 @@ def evaluate(
         _print_report(report, json_path, save_masks, plot)
 
 
-def _no_target_rule(area: int | None, threshold: float | None) -> NoTargetRule | None:
+def _rule_from_options(area: int | None, threshold: float | None) -> NoTargetRule | None:
     """The rule the options ask for, or None for the model's own."""
     if area is not None and threshold is not None:
         fail("give --no-target-area K (the area rule) or --no-target-threshold P (the head), not both")

@@ -232,7 +232,7 @@ class OnnxModel:
 
     It answers the calls a :class:`~.predictor.Predictor` makes of a model (``image_size``,
     ``threshold``, ``model(images, text_ids, text_padding_mask) → logits``); attention maps are
-    not in the graph (they come from torch forward hooks), so ``attention_maps`` and ``recording_attention`` are refused.
+    not in the graph (they come from torch forward hooks), so ``recording_attention`` is refused.
     """
 
     def __init__(self, path: Path, metadata: OnnxMetadata, session) -> None:
@@ -284,9 +284,6 @@ class OnnxModel:
             "text_padding_mask": text_padding_mask.detach().cpu().bool().numpy(),
         }
         return torch.from_numpy(self.session.run([OUTPUT_NAME], feeds)[0])
-
-    def attention_maps(self, *inputs):
-        self.recording_attention(None)
 
     def recording_attention(self, run):
         raise SharedRISError(f"{self.path}: attention maps come from torch forward hooks, not the ONNX graph; use --runtime torch with the run's checkpoint for --attention")

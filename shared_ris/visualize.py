@@ -23,14 +23,19 @@ SPLIT_COLORS = [(66, 133, 244), (234, 67, 53), (251, 188, 5), (52, 168, 83), (15
 
 def save_mask(mask: np.ndarray, path: str | Path) -> None:
     """(H, W) boolean mask → 8-bit grayscale PNG with values 0 / 255."""
-    Image.fromarray(np.asarray(mask, dtype=bool)).convert("L").save(path, format="PNG", compress_level=1)
+    mask_image(mask).save(path, format="PNG", compress_level=1)
+
+
+def mask_image(mask: np.ndarray) -> Image.Image:
+    """(H, W) boolean mask → an "L" image, 255 inside, 0 outside."""
+    return Image.fromarray(np.asarray(mask, dtype=bool)).convert("L")
 
 
 def contrasting_color(image: Image.Image, mask: np.ndarray, taken: Sequence[tuple[int, int, int]] = ()) -> tuple[int, int, int]:
     """The :data:`MASK_PALETTE` colour farthest (RGB distance) from the mean colour of ``image``'s
     pixels under the (H, W) boolean ``mask`` (of the whole image when the mask is empty), skipping
     the ``taken`` ones while others are left."""
-    region = Image.fromarray(np.asarray(mask, dtype=bool)).convert("L") if mask.any() else None
+    region = mask_image(mask) if mask.any() else None
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     mean = np.array(ImageStat.Stat(rgb, mask=region).mean, np.float32)  # (3,), without a float copy of the image
     free = [color for color in MASK_PALETTE.values() if color not in taken] or list(MASK_PALETTE.values())
@@ -40,8 +45,7 @@ def contrasting_color(image: Image.Image, mask: np.ndarray, taken: Sequence[tupl
 def mask_contour(mask: np.ndarray, width: int = 2) -> np.ndarray:
     """(H, W) bool: the mask's pixels within ``width`` pixels (8-connected) of a pixel outside it,
     i.e. the mask minus its erosion by a (2·width + 1)² square. The image's edge is not a border."""
-    as_image = Image.fromarray(np.asarray(mask, dtype=bool)).convert("L")
-    eroded = np.asarray(as_image.filter(ImageFilter.MinFilter(2 * width + 1))) > 0
+    eroded = np.asarray(mask_image(mask).filter(ImageFilter.MinFilter(2 * width + 1))) > 0
     return np.asarray(mask, dtype=bool) & ~eroded
 
 
@@ -64,7 +68,7 @@ def overlay_masks(
             raise ValueError(f"mask {mask.shape} does not match image {(image.height, image.width)}")
         color = contrasting_color(image, mask, colors)
         colors.append(color)
-        out.paste(color, mask=Image.fromarray(np.asarray(mask, dtype=bool)).convert("L").point(lambda v: int(v * alpha)))
+        out.paste(color, mask=mask_image(mask).point(lambda v: int(v * alpha)))
         if contour_width > 0:
             out.paste(color, mask=Image.fromarray(mask_contour(mask, contour_width)))
     return out, colors

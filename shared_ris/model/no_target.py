@@ -2,8 +2,9 @@
 
 Two ways, compared in BENCHMARKS.md: a learned head, after ReLA's no-target branch, reading the
 decoder's text token (the <s> state after the shared layer(s), which has attended to every patch)
-and two numbers pooled from the predicted mask, trained with BCE beside the mask loss; or, without a head, the rule "no target when the predicted
-mask covers fewer than ``min_area`` pixels of the S×S input". Either decision empties the mask.
+and two numbers pooled from the predicted mask, trained with BCE beside the mask loss; or, without
+a head, the rule "no target when the predicted mask covers fewer than ``min_area`` pixels of the
+S×S input". Either decision empties the mask.
 """
 
 from __future__ import annotations
