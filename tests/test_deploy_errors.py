@@ -167,6 +167,8 @@ CASES = [
     Case("bundle: recipe is a python object tag", bundle_case(lambda f: (f / "recipe.yaml").write_text(f"!!python/object/apply:os.system ['touch {SENTINEL}']\n")), "recipe.yaml"),
     Case("bundle: recipe.yaml of 2 MB", bundle_case(lambda f: (f / "recipe.yaml").write_text("#" * (2 << 20))), "too large"),
     Case("bundle: recipe value out of range", bundle_case(lambda f: (f / "recipe.yaml").write_text((f / "recipe.yaml").read_text().replace("image_size: 128", "image_size: -1"))), "recipe.yaml"),
+    Case("bundle: no-target threshold out of range", bundle_case(lambda f: (f / "recipe.yaml").write_text((f / "recipe.yaml").read_text().replace("no_target_threshold: 0.5", "no_target_threshold: 1.5"))), "no_target_threshold"),
+    Case("bundle: no-target threshold not a number", bundle_case(lambda f: (f / "recipe.yaml").write_text((f / "recipe.yaml").read_text().replace("no_target_threshold: 0.5", "no_target_threshold: [0.5]"))), "no_target_threshold"),
     Case("bundle: a weight missing", bundle_case(edit_weights(lambda t: t.pop(next(iter(t))))), "missing"),
     Case("bundle: a weight of the wrong shape", bundle_case(edit_weights(shrink_a_matrix)), "shape mismatch"),
     Case("bundle: fp16 weights", bundle_case(edit_weights(lambda t: t.update({k: v.half() for k, v in t.items() if v.is_floating_point()}))), "torch.float16"),
